@@ -1,0 +1,44 @@
+"""A configurable VGG-style CNN, the default for small images such as Fashion-MNIST.
+
+`layers` reads like a VGG table: ints are 3x3 conv-BN-ReLU widths, 'M' a 2x2 max pool.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxclf.models.registry import register_model
+
+
+class CNN(nn.Module):
+  num_classes: int
+  layers: Sequence[Any] = (32, 32, "M", 64, 64, "M", 128, "M")
+  hidden: Sequence[int] = ()  # widths of dense layers before the classifier
+  dropout: float = 0.2
+  global_pool: str = "flatten"  # 'flatten' | 'avg'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   dtype=self.dtype)
+    x = x.astype(self.dtype)
+    for spec in self.layers:
+      if spec == "M":
+        # keyword-only window/strides: jax2onnx patches nn.max_pool with that signature.
+        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+      else:
+        x = nn.Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = nn.relu(norm()(x))
+    x = x.mean(axis=(1, 2)) if self.global_pool == "avg" else x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+register_model("cnn", CNN)
+register_model("cnn_tiny", partial(CNN, layers=(8, "M", 16, "M"), dropout=0.0))
