@@ -1,0 +1,6 @@
+"""Run configuration: defaults, file/YAML/env/CLI loading, validation, sweeps."""
+from jaxclf.config.defaults import default_config
+from jaxclf.config.loading import load_config, set_dotted
+from jaxclf.config.validate import ConfigError, validate
+
+__all__ = ["ConfigError", "default_config", "load_config", "set_dotted", "validate"]

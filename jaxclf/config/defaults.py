@@ -1,0 +1,89 @@
+"""Every key a run config may have, with its default. Config files start from `default_config()`
+and change what they need, so validation can name any unknown key and suggest the right one."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "fashion_mnist"  # 'fashion_mnist' | class-per-folder dir | ingested dataset dir/URL
+  c.data.val_fraction = 0.1  # carved from train (stratified) when the source has no val split
+  c.data.test_fraction = 0.1  # used only when the source has no test split
+  c.data.split_seed = 0
+  c.data.channels = 1
+  c.data.max_pixels = 64_000_000  # decompression-bomb guard for encoded sources
+  c.data.limit_per_split = 0  # 0 = all; >0 keeps the first N of each split (smoke tests)
+  c.data.cache_dir = ""
+  c.data.sampler = "shuffle"  # 'shuffle' | 'balanced' (class-balanced sampling with replacement)
+  c.data.read_threads = 2  # Grain read threads; 0 = in the training thread
+  c.data.prefetch_batches = 8
+  c.data.worker_processes = 0  # Grain mp_prefetch workers; threads beat processes on 2 cores
+
+  c.preprocessing = ml_collections.ConfigDict()
+  c.preprocessing.image_size = 28
+  c.preprocessing.mean = (0.2860,)
+  c.preprocessing.std = (0.3530,)
+  c.preprocessing.resize = "bilinear"
+  c.preprocessing.crop_fraction = 1.0
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.translate = 2
+  c.augment.random_resized_crop = False
+  c.augment.crop_scale = (0.35, 1.0)
+  c.augment.hflip = True
+  c.augment.vflip = False
+  c.augment.rotation = 0.0
+  c.augment.brightness = 0.0
+  c.augment.contrast = 0.0
+  c.augment.saturation = 0.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+  c.model.kwargs = ml_collections.ConfigDict()  # passed to the model constructor
+  c.model.pretrained = ""  # '' | 'imagenet' (models that ship weights) | path to a run dir
+  c.model.dtype = "float32"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"  # sgd | adam | adamw
+  c.optimizer.learning_rate = 0.2  # peak learning rate of the schedule
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2 on kernels otherwise; never on BN/bias
+  c.optimizer.grad_clip_norm = 0.0  # 0 = off
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "one_cycle"  # constant | step | exponential | warmup_cosine | one_cycle | plateau
+  c.schedule.warmup_fraction = 0.25  # share of all steps (warmup_cosine, one_cycle)
+  c.schedule.final_fraction = 0.0  # end lr / peak lr
+  c.schedule.step_epochs = (30, 60)  # step: multiply by decay_rate at these epochs
+  c.schedule.decay_rate = 0.1  # step / exponential (per epoch)
+  c.schedule.plateau_patience = 2  # plateau: epochs without val improvement before cutting lr
+  c.schedule.plateau_factor = 0.5
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256
+  c.train.num_epochs = 10
+  c.train.label_smoothing = 0.1
+  c.train.class_weights = "none"  # none | balanced
+  c.train.log_every_steps = 50
+  c.train.checkpoint_every_steps = 200
+  c.train.keep_checkpoints = 2  # latest N (the best-by-val one is kept separately)
+  c.train.eval_batch_size = 1000
+  c.train.eval_every_epochs = 1
+  c.train.tta_flip = False  # average logits with the horizontally flipped image at eval
+  c.train.max_steps = 0  # 0 = num_epochs worth; >0 stops early (smoke tests, resume tests)
+  c.train.progress_bar = True
+
+  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss
+  c.early_stopping.patience = 0  # epochs; 0 = off
+  c.early_stopping.min_delta = 0.0
+  return c

@@ -1,0 +1,122 @@
+"""Load a run config: a Python file (`get_config(arg)`) or YAML, then overrides, then validation.
+
+Order of precedence (later wins):
+  1. the config file: `configs/cnn.py`, `configs/resnet.py:model=resnet34,epochs=30`, or `configs/cnn.yaml`
+     (YAML holds only the keys that differ from jaxclf.config.defaults, like a .py file would);
+  2. environment variables `JAXCLF_<SECTION>__<KEY>=value` (double underscore = one level down;
+     e.g. JAXCLF_TRAIN__BATCH_SIZE=256, JAXCLF_OPTIMIZER__LEARNING_RATE=0.05, JAXCLF_SEED=3);
+  3. command-line overrides `--config.train.batch_size=256` (or `--set train.batch_size=256`).
+Values are parsed as YAML scalars/lists (`0.05`, `true`, `[32, 64]`) and must match the type of
+the key they replace. Validation (jaxclf.config.validate) runs before any compute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+import yaml
+
+from jaxclf.config.defaults import default_config
+from jaxclf.config.validate import ConfigError, check_known_key, coerce, validate
+
+ENV_PREFIX = "JAXCLF_"
+
+
+def _load_py(path: str, arg: str | None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"_jaxclf_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: a config file must define get_config(arg=None)")
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _merge(base: ml_collections.ConfigDict, update: Mapping[str, Any], prefix: str = "") -> None:
+  for key, value in update.items():
+    dotted = f"{prefix}{key}"
+    check_known_key(base, key, dotted)
+    if isinstance(base[key], ml_collections.ConfigDict) and key != "kwargs":
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
+      _merge(base[key], value, dotted + ".")
+    elif key == "kwargs":
+      base[key] = ml_collections.ConfigDict(dict(value or {}))
+    else:
+      base[key] = coerce(base[key], value, dotted)
+
+
+def _load_yaml(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    try:
+      data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: not valid YAML ({e})") from None
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{path}: the top level must be a mapping of sections")
+  config = default_config()
+  _merge(config, data)
+  return config
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`path[:arg]` -> ConfigDict (unvalidated)."""
+  path, arg = spec, None
+  if ":" in spec and not os.path.exists(spec):
+    path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  if path.endswith((".yaml", ".yml")):
+    if arg:
+      raise ConfigError(f"{path}: YAML configs take no ':arg'")
+    return _load_yaml(path)
+  if path.endswith(".py"):
+    return _load_py(path, arg)
+  raise ConfigError(f"config file {path!r}: expected a .py or .yaml file")
+
+
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+  node = config
+  parts = dotted.split(".")
+  for i, part in enumerate(parts[:-1]):
+    check_known_key(node, part, ".".join(parts[:i + 1]))
+    node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
+  key = parts[-1]
+  value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+  if parts[-2:-1] == ["kwargs"]:
+    node[key] = value  # model kwargs are free-form: the model constructor checks them
+    return
+  check_known_key(node, key, dotted)
+  node[key] = coerce(node[key], value, dotted)
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+  out = []
+  for name, value in sorted(environ.items()):
+    if name.startswith(ENV_PREFIX) and name not in ("JAXCLF_CACHE",):
+      dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+      out.append((dotted, value))
+  return out
+
+
+def load_config(spec: str, overrides: Iterable[str] = (), environ: Mapping[str, str] | None = None,
+                ) -> ml_collections.ConfigDict:
+  """The one entry point used by `python -m jaxclf.main`, `jaxclf train` and the sweep runner."""
+  config = load_file(spec)
+  environ = os.environ if environ is None else environ
+  for dotted, value in env_overrides(environ):
+    try:
+      set_dotted(config, dotted, value)
+    except ConfigError as e:
+      raise ConfigError(f"environment variable {ENV_PREFIX}{dotted.upper().replace('.', '__')}: {e}") from None
+  for item in overrides:
+    item = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected key=value, e.g. train.batch_size=256")
+    dotted, _, value = item.partition("=")
+    set_dotted(config, dotted.strip(), value)
+  validate(config)
+  return config

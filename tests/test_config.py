@@ -1,0 +1,71 @@
+import pytest
+
+from jaxclf.config import ConfigError, default_config, load_config, validate
+
+
+def test_yaml_twin_matches_python_config(repo_root):
+  py = load_config(f"{repo_root}/configs/cnn.py", environ={})
+  yml = load_config(f"{repo_root}/configs/cnn.yaml", environ={})
+  assert py.to_dict() == yml.to_dict()
+
+
+def test_cli_and_env_overrides_apply_in_order(repo_root):
+  c = load_config(f"{repo_root}/configs/cnn.py",
+                  overrides=["--config.optimizer.learning_rate=0.05", "train.num_epochs=3"],
+                  environ={"JAXCLF_TRAIN__BATCH_SIZE": "128", "JAXCLF_OPTIMIZER__LEARNING_RATE": "0.3",
+                           "JAXCLF_SEED": "7"})
+  assert c.train.batch_size == 128 and c.seed == 7
+  assert c.optimizer.learning_rate == 0.05  # command line beats environment
+  assert c.train.num_epochs == 3
+
+
+def test_config_arg_selects_variant(repo_root):
+  c = load_config(f"{repo_root}/configs/resnet.py:model=resnet34,width=16", environ={})
+  assert c.model.name == "resnet34" and c.model.kwargs.num_filters == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_sise=3", "unknown config key 'train.batch_sise'. Did you mean train.batch_size?"),
+    ("optimiser.name=sgd", "unknown config key 'optimiser'. Did you mean optimizer?"),
+    ("train.batch_size=abc", "train.batch_size: expected an integer, got 'abc'"),
+    ("train.batch_size=0", "train.batch_size: 0 is out of range"),
+    ("optimizer.learning_rate=-1", "optimizer.learning_rate: -1.0 is out of range"),
+    ("optimizer.name=adamx", "optimizer.name: 'adamx' is not one of ['adam', 'adamw', 'sgd']. Did you mean 'adam'"),
+    ("schedule.name=cosine", "schedule.name: 'cosine' is not one of"),
+    ("model.name=resnet19", "model.name: unknown model 'resnet19'. Did you mean"),
+    ("train.tta_flip=maybe", "train.tta_flip: expected true/false"),
+    ("data.channels=3", "preprocessing.mean: needs 3 value(s) for data.channels=3"),
+])
+def test_validation_names_the_field(repo_root, override, message):
+  with pytest.raises(ConfigError) as e:
+    load_config(f"{repo_root}/configs/cnn.py", overrides=[override], environ={})
+  assert message in str(e.value)
+
+
+def test_env_override_error_names_the_variable(repo_root):
+  with pytest.raises(ConfigError, match="JAXCLF_TRAIN__BATCH_SIZ.*Did you mean train.batch_size"):
+    load_config(f"{repo_root}/configs/cnn.py", environ={"JAXCLF_TRAIN__BATCH_SIZ": "3"})
+
+
+def test_yaml_unknown_key_and_bad_yaml(tmp_path):
+  p = tmp_path / "c.yaml"
+  p.write_text("train:\n  epochs: 3\n")
+  with pytest.raises(ConfigError, match="unknown config key 'train.epochs'. Did you mean train.num_epochs"):
+    load_config(str(p), environ={})
+  p.write_text("train: [1, 2\n")
+  with pytest.raises(ConfigError, match="not valid YAML"):
+    load_config(str(p), environ={})
+
+
+def test_custom_model_by_import_path_validates():
+  c = default_config()
+  c.model.name = "jaxclf.models.cnn:CNN"
+  validate(c)
+  c.model.name = "jaxclf.models.cnn:Nope"
+  with pytest.raises(ConfigError, match="has no attribute 'Nope'"):
+    validate(c)
+
+
+def test_missing_config_file():
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_config("configs/nope.py", environ={})

@@ -1,0 +1,135 @@
+"""Real training runs on a tiny model and a small Fashion-MNIST subset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from jaxclf.config import load_config
+from jaxclf.train.checkpoints import load_inference
+from jaxclf.train.loop import NonFiniteError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(overrides=()):
+  return load_config(f"{ROOT}/configs/cnn.py:tiny", overrides=list(overrides), environ={})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  record = train_and_evaluate(tiny(), workdir)
+  return workdir, record
+
+
+def test_run_record_has_everything(tiny_run):
+  workdir, record = tiny_run
+  on_disk = json.load(open(os.path.join(workdir, "run.json")))
+  assert on_disk["status"] == "completed"
+  for key in ("config", "dataset", "model", "git", "packages", "hardware", "start", "end",
+              "duration_s", "metrics", "best"):
+    assert key in on_disk, key
+  assert on_disk["dataset"]["version"] and on_disk["dataset"]["name"] == "fashion_mnist"
+  assert on_disk["config"]["train.batch_size"] == 64
+  assert on_disk["packages"]["jax"] == jax.__version__
+  # val and test are kept apart; test comes from the best-by-val checkpoint.
+  assert set(on_disk["metrics"]) == {"val", "test"}
+  assert 0.0 <= on_disk["metrics"]["test"]["accuracy"] <= 1.0
+  assert on_disk["metrics"]["test"]["count"] == 512
+  assert on_disk["best"]["metric"] == "val_accuracy"
+
+
+def test_tensorboard_events_are_real(tiny_run):
+  workdir, _ = tiny_run
+  ea = EventAccumulator(os.path.join(workdir, "tb"))
+  ea.Reload()
+  tags = set(ea.Tags()["scalars"])
+  for tag in ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
+              "train/param_norm", "train/steps_per_sec", "train/images_per_sec",
+              "train/data_wait_share", "val/loss", "val/accuracy", "test/accuracy"):
+    assert tag in tags, tag
+  assert "train/augmented_batch" in ea.Tags()["images"]
+  waits = [e.value for e in ea.Scalars("train/data_wait_share")]
+  assert all(0.0 <= w <= 1.0 for w in waits)
+
+
+def test_checkpoints_and_inference_loading(tiny_run):
+  workdir, record = tiny_run
+  best = load_inference(workdir, "best")
+  latest = load_inference(workdir, "latest")
+  assert latest.step == record["final_step"] == 16
+  assert best.step == record["best"]["step"]
+  assert best.spec.class_names[0] == "T-shirt/top" and best.spec.input_shape == (28, 28, 1)
+  from jaxclf.data.sources.fashion_mnist import load_arrays
+  from jaxclf.data.transforms import preprocess_batch
+  x, y = load_arrays()["test"]
+  logits = best.logits(preprocess_batch(list(x[:512]), best.spec))
+  acc = float((logits.argmax(1) == y[:512]).mean())
+  # The run's own test metric used the same checkpoint, data and preprocessing.
+  assert acc == pytest.approx(record["metrics"]["test"]["accuracy"], abs=1e-6)
+
+
+def test_early_stopping_stops_and_says_so(tmp_path):
+  # No epoch can beat the first by min_delta=0.5 accuracy, so patience 1 stops after epoch 2.
+  cfg = tiny(["train.num_epochs=5", "early_stopping.patience=1", "early_stopping.min_delta=0.5"])
+  record = train_and_evaluate(cfg, str(tmp_path))
+  assert record["status"] == "early_stopped"
+  assert [h["epoch"] for h in record["history"]] == [1, 2]
+
+
+def test_nan_fails_fast_naming_the_step(tmp_path):
+  # A custom model (given by import path) whose output turns non-finite at its first step.
+  cfg = tiny(["model.name=tests.custom_models:NaNAfterInit"])
+  with pytest.raises(NonFiniteError, match=r"non-finite training loss/gradient at step 1 "):
+    train_and_evaluate(cfg, str(tmp_path))
+  assert json.load(open(tmp_path / "run.json"))["status"] == "failed"
+
+
+def _run_cli(workdir, extra=()):
+  cmd = [sys.executable, "-m", "jaxclf.main", f"--config={ROOT}/configs/cnn.py:tiny",
+         f"--workdir={workdir}", "--config.model.name=resnet_tiny", "--config.train.num_epochs=3",
+         "--config.data.limit_per_split=1024", "--config.train.batch_size=32",
+         "--config.train.checkpoint_every_steps=7", *extra]
+  return cmd
+
+
+def test_kill9_mid_epoch_then_rerun_resumes_exactly(tmp_path):
+  """The resume contract: kill -9, rerun the same command, end bit-identical to an uninterrupted run."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+  subprocess.run(_run_cli(ref_dir), check=True, env=env, cwd=ROOT, capture_output=True)
+
+  proc = subprocess.Popen(_run_cli(cut_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  latest = os.path.join(cut_dir, "checkpoints", "latest")
+  deadline = time.time() + 120
+  killed_after = None
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(latest) if d.isdigit()] if os.path.isdir(latest) else []
+    if steps:
+      proc.send_signal(signal.SIGKILL)
+      killed_after = max(steps)
+      break
+    time.sleep(0.01)
+  proc.wait()
+  assert killed_after is not None, "the run finished before it could be killed"
+  assert proc.returncode == -signal.SIGKILL
+  assert json.load(open(os.path.join(cut_dir, "run.json")))["status"] == "running"
+
+  subprocess.run(_run_cli(cut_dir), check=True, env=env, cwd=ROOT, capture_output=True)
+  ref = json.load(open(os.path.join(ref_dir, "run.json")))
+  cut = json.load(open(os.path.join(cut_dir, "run.json")))
+  assert cut["status"] == "completed" and cut["resumed_from_step"] is not None
+  assert 0 < cut["resumed_from_step"] < cut["final_step"] == ref["final_step"] == 96
+  a, b = load_inference(ref_dir, "latest"), load_inference(cut_dir, "latest")
+  for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert cut["metrics"] == ref["metrics"]
+  assert cut["history"] == ref["history"]
