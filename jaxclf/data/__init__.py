@@ -1,0 +1,1 @@
+"""Data: sources -> (decode) -> splits -> Grain pipelines. See docs/architecture.md."""

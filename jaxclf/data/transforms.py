@@ -1,0 +1,250 @@
+"""The one preprocessing module: training, evaluation, export and every serving path import it.
+
+`PreprocessSpec` is the contract that travels with an exported model (preprocessing.json), so
+serving never guesses sizes, channels or normalisation. Everything here is numpy + Pillow on
+single uint8 HWC images; nothing imports jax, so Grain workers and the serving image stay light.
+
+  eval/serve:  decode -> `preprocess(img, spec)`          (resize shorter side, centre crop, normalise)
+  train:       decode -> `augment(img, rng, spec, aug)`    (random crop/translate, flip, rotate, jitter)
+                      -> `normalize(img, spec)`
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+SPEC_VERSION = 1
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+  """How raw pixels become model input. Stored beside every checkpoint and export."""
+  image_size: tuple[int, int] = (28, 28)  # (height, width) of the model input
+  channels: int = 1
+  mean: tuple[float, ...] = (0.2860,)  # in [0, 1] pixel units, one per channel
+  std: tuple[float, ...] = (0.3530,)
+  resize: str = "bilinear"
+  # Eval resizes the shorter side to image_size / crop_fraction, then centre-crops image_size.
+  crop_fraction: float = 1.0
+  background: int = 255  # transparent pixels are composited on this grey level
+  class_names: tuple[str, ...] = ()
+  version: int = SPEC_VERSION
+
+  def __post_init__(self):
+    if self.channels not in (1, 3):
+      raise ValueError(f"preprocessing.channels must be 1 or 3, got {self.channels}")
+    if len(self.mean) != self.channels or len(self.std) != self.channels:
+      raise ValueError(f"preprocessing.mean/std need {self.channels} values, got "
+                       f"{len(self.mean)}/{len(self.std)}")
+    if any(s <= 0 for s in self.std):
+      raise ValueError("preprocessing.std values must be > 0")
+    if self.resize not in _RESAMPLE:
+      raise ValueError(f"preprocessing.resize must be one of {sorted(_RESAMPLE)}, got {self.resize!r}")
+    if not 0 < self.crop_fraction <= 1:
+      raise ValueError(f"preprocessing.crop_fraction must be in (0, 1], got {self.crop_fraction}")
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return (self.image_size[0], self.image_size[1], self.channels)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["image_size"] = list(self.image_size)
+    d["mean"], d["std"], d["class_names"] = list(self.mean), list(self.std), list(self.class_names)
+    d["layout"] = "NHWC"
+    d["dtype"] = "float32"
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    for k in ("image_size", "mean", "std", "class_names"):
+      if k in kw:
+        kw[k] = tuple(kw[k])
+    return cls(**kw)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  @classmethod
+  def from_json(cls, text: str) -> "PreprocessSpec":
+    return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  """Training-only augmentation; every switch off means `augment` == resize + crop."""
+  translate: int = 0  # max pixels of random shift (pad with edge, random crop back)
+  random_resized_crop: bool = False
+  crop_scale: tuple[float, float] = (0.35, 1.0)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  hflip: bool = False
+  vflip: bool = False
+  rotation: float = 0.0  # max degrees either way
+  brightness: float = 0.0  # multiplicative factor range 1 +- x
+  contrast: float = 0.0
+  saturation: float = 0.0
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> "AugmentSpec":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(cfg).items()
+          if k in fields}
+    return cls(**kw)
+
+
+def _pil(img: np.ndarray) -> Image.Image:
+  return Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+
+
+def _np(img: Image.Image, channels: int) -> np.ndarray:
+  arr = np.asarray(img, dtype=np.uint8)
+  return arr[:, :, None] if arr.ndim == 2 else arr[:, :, :channels]
+
+
+def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
+  """Greyscale <-> RGB so that a dataset of either kind fits the model's channel count."""
+  if img.ndim == 2:
+    img = img[:, :, None]
+  c = img.shape[2]
+  if c == channels:
+    return img
+  if c == 1 and channels == 3:
+    return np.repeat(img, 3, axis=2)
+  if c == 3 and channels == 1:
+    # ITU-R 601 luma, the same weights Pillow's convert('L') uses.
+    y = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(y + 0.5, 0, 255).astype(np.uint8)[:, :, None]
+  if c == 4:
+    return match_channels(img[:, :, :3], channels)
+  raise ValueError(f"cannot map an image with {c} channels to {channels}")
+
+
+def resize_and_center_crop(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+  """Deterministic geometry shared by eval and serving: shorter side, then centre crop."""
+  img = match_channels(img, spec.channels)
+  th, tw = spec.image_size
+  h, w = img.shape[:2]
+  if (h, w) == (th, tw) and spec.crop_fraction == 1.0:
+    return img
+  scale = max(th / h, tw / w) / spec.crop_fraction
+  nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+  if (nh, nw) != (h, w):
+    img = _np(_pil(img).resize((nw, nh), _RESAMPLE[spec.resize]), spec.channels)
+  top, left = (nh - th) // 2, (nw - tw) // 2
+  return img[top:top + th, left:left + tw]
+
+
+def normalize(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+  """uint8 HWC (or NHWC) -> float32, (x/255 - mean) / std per channel."""
+  mean = np.asarray(spec.mean, np.float32) * 255.0
+  inv_std = 1.0 / (np.asarray(spec.std, np.float32) * 255.0)
+  return (img.astype(np.float32) - mean) * inv_std
+
+
+def preprocess(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+  """The eval/serving transform: uint8 HWC of any size -> float32 model input."""
+  return normalize(resize_and_center_crop(img, spec), spec)
+
+
+def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+  return np.stack([preprocess(im, spec) for im in images]) if len(images) else np.zeros(
+      (0, *spec.input_shape), np.float32)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _random_resized_crop(img, rng, spec, aug):
+  h, w = img.shape[:2]
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(*aug.crop_scale)
+    log_r = rng.uniform(math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]))
+    ratio = math.exp(log_r)
+    cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+      break
+  else:  # fall back to a centre crop of the whole image
+    ch, cw, top, left = h, w, 0, 0
+  th, tw = spec.image_size
+  crop = _pil(img).resize((tw, th), _RESAMPLE[spec.resize], box=(left, top, left + cw, top + ch))
+  return _np(crop, spec.channels)
+
+
+def _translate(img, rng, pad):
+  h, w = img.shape[:2]
+  padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+  dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+  return padded[dy:dy + h, dx:dx + w]
+
+
+def _jitter(img, rng, aug):
+  x = img.astype(np.float32)
+  if aug.brightness:
+    x *= rng.uniform(1 - aug.brightness, 1 + aug.brightness)
+  if aug.contrast:
+    m = x.mean()
+    x = (x - m) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + m
+  if aug.saturation and x.shape[2] == 3:
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = (x - grey[..., None]) * rng.uniform(1 - aug.saturation, 1 + aug.saturation) + grey[..., None]
+  return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+def augment(img: np.ndarray, rng: np.random.Generator, spec: PreprocessSpec,
+            aug: AugmentSpec) -> np.ndarray:
+  """The training transform on uint8 HWC; returns uint8 at spec.image_size.
+
+  Deterministic given `rng` (Grain seeds it from the pipeline seed and the record index), which
+  is what makes resumed training bit-identical.
+  """
+  img = match_channels(img, spec.channels)
+  if aug.random_resized_crop:
+    img = _random_resized_crop(img, rng, spec, aug)
+  else:
+    img = resize_and_center_crop(img, spec)
+  if aug.translate:
+    img = _translate(img, rng, aug.translate)
+  if aug.rotation:
+    angle = float(rng.uniform(-aug.rotation, aug.rotation))
+    fill = (int(np.median(img[0])),) * spec.channels  # border colour, not black
+    img = _np(_pil(img).rotate(angle, _RESAMPLE["bilinear"], fillcolor=fill if spec.channels > 1
+                                else fill[0]), spec.channels)
+  if aug.hflip and rng.random() < 0.5:
+    img = img[:, ::-1]
+  if aug.vflip and rng.random() < 0.5:
+    img = img[::-1]
+  if aug.brightness or aug.contrast or aug.saturation:
+    img = _jitter(img, rng, aug)
+  return np.ascontiguousarray(img)
+
+
+def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:
+  """NHWC uint8 -> one HWC uint8 mosaic (for TensorBoard and reports)."""
+  n, h, w, c = images.shape
+  nrows = -(-n // ncols)
+  grid = np.zeros((nrows * (h + 2), ncols * (w + 2), c), np.uint8)
+  for i, im in enumerate(images):
+    r, col = divmod(i, ncols)
+    grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = im
+  return grid
+
+
+def denormalize(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+  mean = np.asarray(spec.mean, np.float32)
+  std = np.asarray(spec.std, np.float32)
+  return np.clip((x * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
