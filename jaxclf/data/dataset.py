@@ -109,7 +109,7 @@ def load_dataset(cfg) -> Dataset:
   if source == "fashion_mnist":
     from jaxclf.data.sources import fashion_mnist
     return fashion_mnist.load(cfg)
-  if "://" in source and not source.startswith("file://"):
+  if "://" in source:
     from jaxclf.data.sources import ingested
     return ingested.load(cfg)
   path = os.path.expanduser(source)

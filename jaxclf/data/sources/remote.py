@@ -1,0 +1,260 @@
+"""Reading bytes from where users keep images: local paths, file://, http(s):// and s3://.
+
+HTTP goes through `HttpFetcher` (stdlib urllib: timeouts, retries with backoff on timeouts,
+connection errors, truncated bodies and 408/429/5xx, a concurrency limit shared by all threads,
+a size cap). S3 goes through fsspec/s3fs, configured the standard AWS way (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers such as MinIO). Every reader
+returns (bytes, None) or (None, reason): a failed download is a reported skip, not a crash.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import posixpath
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Callable
+
+from jaxclf.data.dataset import DataError
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # one image file larger than this is refused
+Reader = Callable[[], "tuple[bytes | None, str | None]"]
+
+
+def scheme(uri: str) -> str:
+  """'' for local paths, else the URL scheme ('s3', 'https', 'file', ...)."""
+  if "://" not in uri:
+    return ""
+  return uri.split("://", 1)[0].lower()
+
+
+def is_remote(uri: str) -> bool:
+  return scheme(uri) not in ("", "file")
+
+
+def local_path(uri: str) -> str:
+  return urllib.parse.unquote(uri[len("file://"):]) if scheme(uri) == "file" else os.path.expanduser(uri)
+
+
+def join(base: str, rel: str) -> str:
+  """Resolves `rel` (a path or URL in a manifest) against the manifest's own location."""
+  if scheme(rel) or os.path.isabs(rel):
+    return rel
+  if scheme(base) in ("http", "https"):
+    return urllib.parse.urljoin(base, rel)
+  if scheme(base) and scheme(base) != "file":
+    return base.rstrip("/") + "/" + rel if base.endswith("/") else posixpath.join(
+        posixpath.dirname(base), rel)
+  return os.path.join(os.path.dirname(local_path(base)), rel)
+
+
+class HttpFetcher:
+  """GET with timeouts, retries and at most `concurrency` requests in flight (all threads)."""
+
+  RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+  def __init__(self, timeout: float = 30.0, retries: int = 3, concurrency: int = 8,
+               backoff: float = 0.5, max_bytes: int = DEFAULT_MAX_BYTES):
+    self.timeout, self.retries, self.backoff, self.max_bytes = timeout, retries, backoff, max_bytes
+    self._slots = threading.BoundedSemaphore(concurrency)
+    self._lock = threading.Lock()
+    self.in_flight = 0
+    self.max_in_flight = 0  # observed peak: the concurrency limit is testable
+    self.attempts = 0
+
+  def _once(self, url: str) -> bytes:
+    req = urllib.request.Request(url, headers={"User-Agent": "jaxclf-ingest"})
+    with self._slots:
+      with self._lock:
+        self.in_flight += 1
+        self.attempts += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+      try:
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+          length = r.headers.get("Content-Length")
+          if length is not None and int(length) > self.max_bytes:
+            raise _Fatal(f"{length} bytes is over the {self.max_bytes}-byte limit")
+          data = r.read(self.max_bytes + 1)
+          if len(data) > self.max_bytes:
+            raise _Fatal(f"body is over the {self.max_bytes}-byte limit")
+          if length is not None and len(data) != int(length):
+            raise http.client.IncompleteRead(data, int(length) - len(data))
+          return data
+      finally:
+        with self._lock:
+          self.in_flight -= 1
+
+  def get(self, url: str) -> tuple[bytes | None, str | None]:
+    last = ""
+    for attempt in range(self.retries + 1):
+      if attempt:
+        time.sleep(self.backoff * 2 ** (attempt - 1))
+      try:
+        return self._once(url), None
+      except _Fatal as e:
+        return None, str(e)
+      except urllib.error.HTTPError as e:
+        last = f"HTTP {e.code} {e.reason}"
+        if e.code not in self.RETRY_STATUS:
+          return None, last
+      except http.client.IncompleteRead as e:
+        last = f"truncated body ({len(e.partial)} bytes, {e.expected} missing)"
+      except (TimeoutError, socket.timeout) as e:
+        last = f"timed out after {self.timeout} s ({type(e).__name__})"
+      except urllib.error.URLError as e:
+        reason = e.reason
+        last = (f"timed out after {self.timeout} s" if isinstance(reason, (TimeoutError, socket.timeout))
+                else f"connection failed ({reason})")
+      except (ConnectionError, http.client.HTTPException, OSError) as e:
+        last = f"connection failed ({type(e).__name__}: {e})"
+    return None, f"{last}; gave up after {self.retries + 1} attempts"
+
+
+class _Fatal(Exception):
+  """Not worth retrying."""
+
+
+def s3_filesystem():
+  """s3fs with the standard AWS configuration (env, ~/.aws); AWS_ENDPOINT_URL honoured."""
+  try:
+    import s3fs  # noqa: PLC0415 - optional edge dependency
+  except ImportError:
+    raise DataError("s3:// needs the s3fs package: pip install -r requirements/data.txt") from None
+  kw = {}
+  endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+  if endpoint:
+    kw["endpoint_url"] = endpoint
+  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+  if region:
+    kw["region_name"] = region
+  # skip_instance_cache: fsspec caches filesystems by arguments, not by environment; a changed
+  # endpoint or credentials must take effect.
+  return s3fs.S3FileSystem(client_kwargs=kw, skip_instance_cache=True)
+
+
+def strip_s3(uri: str) -> str:
+  return uri[len("s3://"):] if uri.startswith("s3://") else uri
+
+
+class Opener:
+  """Makes readers for URIs. Shares one HttpFetcher and one S3 filesystem per ingest."""
+
+  def __init__(self, http: HttpFetcher | None = None):
+    self.http = http or HttpFetcher()
+    self._s3 = None
+    self._s3_lock = threading.Lock()
+
+  @property
+  def s3(self):
+    with self._s3_lock:
+      if self._s3 is None:
+        self._s3 = s3_filesystem()
+      return self._s3
+
+  def read(self, uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes | None, str | None]:
+    sch = scheme(uri)
+    if sch in ("", "file"):
+      path = local_path(uri)
+      try:
+        if os.path.getsize(path) > max_bytes:
+          return None, f"file is over the {max_bytes}-byte limit"
+        with open(path, "rb") as f:
+          return f.read(), None
+      except OSError as e:
+        return None, f"cannot read file ({type(e).__name__}: {e.strerror or e})"
+    if sch in ("http", "https"):
+      return self.http.get(uri)
+    if sch == "s3":
+      try:
+        return self.s3.cat_file(strip_s3(uri)), None
+      except FileNotFoundError:
+        return None, "no such S3 object"
+      except Exception as e:  # noqa: BLE001 - botocore raises many types; all mean 'skip it'
+        return None, f"S3 read failed ({type(e).__name__}: {e})"
+    return None, f"unsupported URI scheme {sch!r}"
+
+  def reader(self, uri: str) -> Reader:
+    return lambda: self.read(uri)
+
+  def read_or_raise(self, uri: str, what: str) -> bytes:
+    """For files that must exist (a manifest, an archive): a missing one is a DataError."""
+    data, err = self.read(uri, max_bytes=1 << 40)
+    if data is None:
+      raise DataError(f"{what} {uri!r}: {err}")
+    return data
+
+  def list_s3(self, prefix: str) -> list[tuple[str, int]]:
+    """All objects under s3://bucket/prefix/ as (key relative to the prefix, size)."""
+    root = strip_s3(prefix).rstrip("/")
+    try:
+      found = self.s3.find(root, detail=True)
+    except Exception as e:  # noqa: BLE001
+      raise DataError(f"cannot list {prefix!r}: {type(e).__name__}: {e}") from None
+    out = []
+    for key, info in sorted(found.items()):
+      if info.get("type") == "directory" or key.endswith("/"):
+        continue
+      out.append((key[len(root) + 1:], int(info.get("size") or 0)))
+    return out
+
+
+def download(opener: Opener, uri: str, dest: str) -> None:
+  """Streams `uri` into `dest` (via a temp name, renamed when complete). Raises DataError."""
+  tmp = f"{dest}.part-{os.getpid()}"
+  os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+  sch = scheme(uri)
+  try:
+    if sch in ("", "file"):
+      with open(local_path(uri), "rb") as src, open(tmp, "wb") as out:
+        while chunk := src.read(1 << 20):
+          out.write(chunk)
+    elif sch == "s3":
+      opener.s3.get_file(strip_s3(uri), tmp)
+    elif sch in ("http", "https"):
+      _download_http(opener.http, uri, tmp)
+    else:
+      raise DataError(f"unsupported URI scheme {sch!r} in {uri!r}")
+  except DataError:
+    _unlink(tmp)
+    raise
+  except Exception as e:  # noqa: BLE001
+    _unlink(tmp)
+    raise DataError(f"cannot download {uri!r}: {type(e).__name__}: {e}") from None
+  os.replace(tmp, dest)
+
+
+def _download_http(fetcher: HttpFetcher, url: str, tmp: str) -> None:
+  last = ""
+  for attempt in range(fetcher.retries + 1):
+    if attempt:
+      time.sleep(fetcher.backoff * 2 ** (attempt - 1))
+    try:
+      req = urllib.request.Request(url, headers={"User-Agent": "jaxclf-ingest"})
+      with fetcher._slots, urllib.request.urlopen(req, timeout=fetcher.timeout) as r, \
+          open(tmp, "wb") as out:
+        length = r.headers.get("Content-Length")
+        n = 0
+        while chunk := r.read(1 << 20):
+          n += len(chunk)
+          out.write(chunk)
+        if length is not None and n != int(length):
+          raise http.client.IncompleteRead(b"", int(length) - n)
+      return
+    except urllib.error.HTTPError as e:
+      last = f"HTTP {e.code} {e.reason}"
+      if e.code not in HttpFetcher.RETRY_STATUS:
+        break
+    except (http.client.HTTPException, urllib.error.URLError, OSError) as e:
+      last = f"{type(e).__name__}: {e}"
+  raise DataError(f"cannot download {url!r}: {last}")
+
+
+def _unlink(path: str) -> None:
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
