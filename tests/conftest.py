@@ -1,5 +1,10 @@
+import hashlib
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -12,3 +17,56 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 @pytest.fixture(scope="session")
 def repo_root():
   return ROOT
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+  """moto's S3 server in its own process on a free port; AWS_* env points s3fs/boto3 at it."""
+  port = free_port()
+  log = open(os.devnull, "wb")
+  proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          stdout=log, stderr=log)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError("moto S3 server did not start (is moto installed? "
+                           "pip install -r requirements/data.txt)")
+      time.sleep(0.1)
+  saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+  os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": "us-east-1"})
+  try:
+    yield url
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+  import boto3  # noqa: PLC0415
+  s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+  name = "b-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12]
+  s3.create_bucket(Bucket=name)
+  return s3, name
+
+

@@ -57,3 +57,12 @@ def resolve_model(name: str) -> Callable[..., nn.Module]:
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   return resolve_model(name)(num_classes=num_classes, **kwargs)
+
+
+def create_model_from_config(config, num_classes: int) -> nn.Module:
+  """The model a run config describes: name, kwargs and compute dtype (params stay float32)."""
+  kwargs = dict(config.model.kwargs)
+  if config.model.dtype != "float32":
+    import jax.numpy as jnp
+    kwargs["dtype"] = getattr(jnp, config.model.dtype)
+  return create_model(config.model.name, num_classes, **kwargs)

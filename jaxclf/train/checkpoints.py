@@ -109,7 +109,7 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
   import ml_collections
 
   from jaxclf.data.transforms import PreprocessSpec
-  from jaxclf.models import create_model
+  from jaxclf.models.registry import create_model_from_config
   from jaxclf.train.state import create_train_state
 
   run_dir = os.path.abspath(run_dir)
@@ -122,7 +122,7 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
     config = ml_collections.ConfigDict(json.load(f))
   with open(spec_path) as f:
     spec = PreprocessSpec.from_json(f.read())
-  model = create_model(config.model.name, len(spec.class_names), **dict(config.model.kwargs))
+  model = create_model_from_config(config, len(spec.class_names))
   from jaxclf.train.optimizers import create_optimizer
   # Restoring the whole TrainState (same optimizer structure as training) is the path that is
   # exercised on every resume; inference then keeps params and batch statistics only.

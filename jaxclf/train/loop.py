@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxclf.config import validate
 from jaxclf.data import pipeline, transforms
 from jaxclf.data.dataset import DataError, class_weights, load_dataset, write_report
-from jaxclf.models import create_model
+from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
 from jaxclf.train import steps
 from jaxclf.train.checkpoints import Checkpointer
@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   max_steps = int(config.train.max_steps) or total_steps
 
   # ---- model and state.
-  model = create_model(config.model.name, dataset.num_classes, **dict(config.model.kwargs))
+  model = create_model_from_config(config, dataset.num_classes)
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = create_optimizer(config)
   rng = jax.random.key(int(config.seed))

