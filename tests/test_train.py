@@ -159,3 +159,12 @@ def test_sweep_grid_runs_each_trial_and_compares(tmp_path, capsys):
   rows = json.loads(capsys.readouterr().out)
   assert {r["hparams"]["optimizer.learning_rate"] for r in rows} == {0.05, 0.2}
   assert all(r["status"] == "completed" and r["dataset_version"] for r in rows)
+
+
+def test_training_core_imports_no_edge_integrations():
+  """The training core never imports export, serving or heavyweight frameworks."""
+  code = ("import sys, jaxclf.train.loop, jaxclf.cli, jaxclf.main; "
+          "bad = [m for m in ('torch', 'tensorflow', 'onnx', 'onnxruntime', 'jax2onnx', 'fastapi', "
+          "'tritonclient', 'mlflow', 'tensorboardX') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stdout + out.stderr

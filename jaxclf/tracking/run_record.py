@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "ml-collections",
-            "numpy", "pillow", "tensorboardX", "jax2onnx", "onnxruntime")
+            "numpy", "pillow", "tensorboard", "jax2onnx", "onnxruntime")
 
 
 def _now() -> str:

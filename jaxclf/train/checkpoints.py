@@ -126,7 +126,9 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
   from jaxclf.train.optimizers import create_optimizer
   # Restoring the whole TrainState (same optimizer structure as training) is the path that is
   # exercised on every resume; inference then keeps params and batch statistics only.
-  template = create_train_state(jax.random.key(0), model, spec.input_shape, create_optimizer(config))
+  # eval_shape: the restore template needs shapes and dtypes only, so nothing is compiled or run.
+  template = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, spec.input_shape,
+                                                       create_optimizer(config)))
   root = os.path.join(run_dir, "checkpoints")
   order = {"best": ["best", "latest"], "latest": ["latest"]}.get(str(which), ["best", "latest"])
   for kind in order:
@@ -142,7 +144,7 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
       continue
     step = max(steps)
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(template))))
+        state=ocp.args.StandardRestore(template)))
     mngr.close()
     st = restored["state"]
     return InferenceModel(model, {"params": st.params, "batch_stats": st.batch_stats},

@@ -1,0 +1,6 @@
+"""Evaluation: metrics (metrics.py), plots (plots.py), training curves (curves.py), the HTML
+report (report.py), the metrics.json schema (schema.py) and the `jaxclf evaluate` command
+(evaluate.py: `evaluate_model(model_path, test_data, out_dir)`).
+
+Submodules are imported on use: `jaxclf.evaluate.metrics` needs only numpy and scikit-learn.
+"""
