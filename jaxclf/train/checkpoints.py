@@ -41,18 +41,17 @@ class Checkpointer:
 
   def restore_latest(self, state_template):
     """Returns (state, meta) from the newest 'latest' checkpoint, or None."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state_template)), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    return self._restore(self.latest, state_template)
 
   def restore_best(self, state_template):
-    step = self.best.latest_step()
+    return self._restore(self.best, state_template)
+
+  @staticmethod
+  def _restore(mngr, state_template):
+    step = mngr.latest_step()
     if step is None:
       return None
-    out = self.best.restore(step, args=ocp.args.Composite(
+    out = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(state_template)), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
