@@ -23,6 +23,7 @@ command -v "$PY" >/dev/null || PY=python3
 
 APT_PKGS="dataset-fashion-mnist"
 [ "$TESTDEPS" = 1 ] && APT_PKGS="$APT_PKGS chromium"
+[ "$BENCH" = 1 ] && APT_PKGS="$APT_PKGS wrk"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -1,0 +1,131 @@
+"""Gateway settings: one dataclass, filled from defaults < environment (JAXCLF_SERVE_*) < CLI flags.
+
+Every limit the gateway enforces lives here, so the limits a deployment runs with are visible in
+one place (and in GET /v1/models -> "limits").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+ENV_PREFIX = "JAXCLF_SERVE_"
+
+# PSI above this on any monitored feature raises the drift alert (jaxclf_drift_alert == 1).
+# 0.1 / 0.25 are the usual "watch" / "act" levels for the population stability index.
+DEFAULT_DRIFT_THRESHOLD = 0.25
+
+
+@dataclasses.dataclass
+class ServeSettings:
+  # what to serve
+  model_path: str | None = None  # export dir, .../model.onnx, or registry:NAME@stage|version
+  backend: str = "onnx"  # "onnx" (onnxruntime in-process) | "triton"
+  triton_url: str = "localhost:8001"
+  triton_protocol: str = "grpc"  # "grpc" | "http"
+  triton_model: str | None = None  # the bytes-in ensemble, e.g. "fashion_image"
+  triton_timeout_s: float = 10.0
+  # where
+  host: str = "127.0.0.1"
+  port: int = 8000
+  # limits
+  max_upload_bytes: int = 10 * 1024 * 1024  # one image
+  max_request_bytes: int = 32 * 1024 * 1024  # a whole request body (batch of images)
+  max_batch_files: int = 64
+  # 16 M pixels: a 4k x 4k photo decodes; a 50k x 50k "bomb" header is refused before allocation.
+  max_pixels: int = 16_000_000
+  request_timeout_s: float = 10.0
+  top_k: int = 5
+  # auth: predict needs X-API-Key when api_key is set; /v1/admin/* always needs admin_token.
+  api_key: str | None = None
+  admin_token: str | None = None
+  # onnxruntime + micro-batching
+  micro_batching: bool = True
+  max_batch_size: int = 32
+  max_wait_ms: float = 2.0
+  intra_op_threads: int = 0  # 0 = usable cores - 1 (see ort_threads)
+  # Batches the model runs in under this many microseconds (measured at warm-up) run on the event
+  # loop instead of the model thread: cheaper than the thread hand-off. 0 = always the thread.
+  inline_budget_us: float = 150.0
+  warmup_runs: int = 3
+  # JSON input by URL: off unless allowed, and then only to listed hosts
+  allow_url_fetch: bool = False
+  url_allowlist: tuple[str, ...] = ()  # host names ("images.example.com") or URL prefixes
+  url_max_bytes: int = 10 * 1024 * 1024
+  url_timeout_s: float = 5.0
+  # monitoring
+  monitor_window: int = 1000  # requests kept in the rolling window
+  drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+  drift_min_samples: int = 50  # PSI on fewer samples is noise; gauges read NaN until then
+  low_confidence_threshold: float = 0.5
+  log_requests: bool = True
+
+  def __post_init__(self):
+    if self.backend not in ("onnx", "triton"):
+      raise ValueError(f"backend must be 'onnx' or 'triton', got {self.backend!r}")
+    if self.triton_protocol not in ("grpc", "http"):
+      raise ValueError(f"triton_protocol must be 'grpc' or 'http', got {self.triton_protocol!r}")
+    for name in ("max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels", "top_k",
+                 "max_batch_size", "monitor_window", "drift_min_samples"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.request_timeout_s <= 0 or self.max_wait_ms < 0:
+      raise ValueError("request_timeout_s must be > 0 and max_wait_ms >= 0")
+    if not 0 < self.low_confidence_threshold < 1:
+      raise ValueError("low_confidence_threshold must be in (0, 1)")
+    if isinstance(self.url_allowlist, str):
+      self.url_allowlist = tuple(s.strip() for s in self.url_allowlist.split(",") if s.strip())
+
+  def ort_threads(self) -> int:
+    """onnxruntime intra-op threads: every usable core but one, which the event loop (HTTP,
+    multipart, decode: GIL-bound Python) needs for itself; at least one."""
+    if self.intra_op_threads > 0:
+      return self.intra_op_threads
+    try:
+      cores = len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
+    except AttributeError:  # not Linux
+      cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+  def public_limits(self) -> dict[str, Any]:
+    return {k: getattr(self, k) for k in (
+        "max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels",
+        "request_timeout_s", "top_k", "allow_url_fetch", "url_max_bytes", "url_timeout_s")}
+
+
+def _parse(field: dataclasses.Field, text: str) -> Any:
+  kind = str(field.type)
+  if "bool" in kind:
+    if text.lower() in ("1", "true", "yes", "on"):
+      return True
+    if text.lower() in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"{ENV_PREFIX}{field.name.upper()}: expected true/false, got {text!r}")
+  if "tuple" in kind:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+  try:
+    if kind.startswith("int"):
+      return int(text)
+    if kind.startswith("float"):
+      return float(text)
+  except ValueError:
+    raise ValueError(f"{ENV_PREFIX}{field.name.upper()}: expected a number, got {text!r}") from None
+  return text
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> ServeSettings:
+  """Defaults, then JAXCLF_SERVE_<FIELD> environment variables, then non-None `overrides`."""
+  env = os.environ if environ is None else environ
+  values: dict[str, Any] = {}
+  for field in dataclasses.fields(ServeSettings):
+    key = ENV_PREFIX + field.name.upper()
+    if key in env and env[key] != "":
+      values[field.name] = _parse(field, env[key])
+  known = {f.name for f in dataclasses.fields(ServeSettings)}
+  for k, v in (overrides or {}).items():
+    if k not in known:
+      raise ValueError(f"unknown serve setting {k!r}")
+    if v is not None:
+      values[k] = v
+  return ServeSettings(**values)
