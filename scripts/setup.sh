@@ -50,6 +50,7 @@ if [ ! -f "$stamp" ]; then
   echo "== pip install (pinned)"
   # shellcheck disable=SC2086
   $PIP install -q $REQS 2>&1 | grep -v "^WARNING: Location" || true
+  [ "$BENCH" = 1 ] && $PIP install -q --no-deps -r requirements/bench-nodeps.txt
   $PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import jax, flax, grain, orbax.checkpoint, jaxclf" || { echo "setup.sh: install failed" >&2; exit 1; }
   touch "$stamp"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxclf.data.transforms import PreprocessSpec
+from jaxclf.hashing import sha256_file as _sha256_file
 
 log = logging.getLogger("jaxclf.serving")
 
@@ -68,12 +68,6 @@ def _read_json(path: str) -> dict[str, Any]:
   return value
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def resolve_model_path(model_path: str) -> str:

@@ -42,6 +42,8 @@ def coerce(old: Any, new: Any, dotted: str) -> Any:
       raise ConfigError(f"{dotted}: expected a number, got {new!r}")
     return float(new)
   if isinstance(old, str):
+    if new is None:  # `--config.model.pretrained=` (empty) parses as YAML null
+      return ""
     if not isinstance(new, str):
       if isinstance(new, (int, float)) and not isinstance(new, bool):
         return str(new)

@@ -32,6 +32,7 @@ from jaxclf.data import transforms
 from jaxclf.data.dataset import DataError, check_classes
 from jaxclf.data.decode import DecodeError, decode_image
 from jaxclf.evaluate.schema import SCHEMA_VERSION, validate_metrics
+from jaxclf.hashing import sha256_file as _sha256_file
 
 # metrics (scikit-learn), plots (matplotlib), curves (tensorboard) and onnxruntime / jax are
 # imported inside the functions that use them: `jaxclf --help` and the other commands, which
@@ -66,12 +67,6 @@ class LoadedModel:
     return list(self.spec.class_names)
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _resolve_registry(uri: str) -> str:

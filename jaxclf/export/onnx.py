@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ import numpy as np
 
 from jaxclf.data.decode import DecodeError, decode_image
 from jaxclf.data.transforms import PreprocessSpec, preprocess, preprocess_batch
+from jaxclf.hashing import sha256_file
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -222,12 +222,6 @@ def _summarise(per_batch: Mapping[str, Mapping[str, float]], tolerance: float) -
 
 # ----------------------------------------------------------------------------- artefacts
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxclf.models.layers import StemConv, max_pool_2x2
 from jaxclf.models.registry import register_model
 
 
@@ -26,12 +27,14 @@ class CNN(nn.Module):
     norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
     x = x.astype(self.dtype)
-    for spec in self.layers:
+    for i, spec in enumerate(self.layers):
       if spec == "M":
-        # keyword-only window/strides: jax2onnx patches nn.max_pool with that signature.
-        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       else:
-        x = nn.Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype)(x)
+        if i == 0 and x.shape[-1] <= 4:  # few input channels: patches @ kernel is faster on CPU
+          x = StemConv(int(spec), dtype=self.dtype)(x)
+        else:
+          x = nn.Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype)(x)
         x = nn.relu(norm()(x))
     x = x.mean(axis=(1, 2)) if self.global_pool == "avg" else x.reshape((x.shape[0], -1))
     for width in self.hidden:

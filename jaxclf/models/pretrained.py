@@ -157,6 +157,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
   if isinstance(storage, tuple):  # a legacy view: (_StorageRef, offset, numel)
     storage, view_offset, view_numel = storage
     view = (view_offset, view_numel)
+  if not isinstance(storage, _StorageRef):  # ValueError: read_torch_state_dict names the file
+    raise ValueError(f"a tensor is built on {type(storage).__name__}, not a storage")
   return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride), view)
 
 
@@ -297,7 +299,8 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
       return _read_legacy(f, path)
   except PretrainedError:
     raise
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error) as e:
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, AttributeError,
+          KeyError, IndexError) as e:
     raise PretrainedError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") \
         from None
 
@@ -496,4 +499,7 @@ def _fill(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any
   log.info("loaded %d pretrained arrays from %s; classifier head %s", len(wanted & given), source,
            "from the checkpoint" if load_head else f"kept fresh ({num_classes} classes)")
   out = traverse_util.unflatten_dict(filled)
+  # Same container types as given (FrozenDict or dict, outside and per collection), so a TrainState
+  # built from the result keeps the pytree structure its checkpoints were written with.
+  out = {k: freeze(v) if isinstance(variables.get(k), FrozenDict) else v for k, v in out.items()}
   return freeze(out) if isinstance(variables, FrozenDict) else out

@@ -32,6 +32,7 @@ import socket
 from typing import Any, Iterator
 
 from jaxclf.registry.store import Store
+from jaxclf.hashing import sha256_bytes as _sha256_bytes, sha256_file as _sha256_file
 
 STAGES = ("experimental", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")
@@ -63,16 +64,8 @@ def _user() -> str:
     return f"uid{os.getuid()}@{socket.gethostname()}"
 
 
-def _sha256_bytes(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(1 << 20):
-      h.update(block)
-  return h.hexdigest()
 
 
 @dataclasses.dataclass

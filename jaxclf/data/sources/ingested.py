@@ -10,7 +10,6 @@ Record layout (`RECORD_FORMAT`): b"JXR1" | u32 little-endian header length | UTF
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -21,6 +20,7 @@ import numpy as np
 
 from jaxclf.data.dataset import DataError, Dataset, Split
 from jaxclf.data.sources import remote, scan
+from jaxclf.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "jaxclf-ingested"
@@ -115,12 +115,6 @@ def read_manifest(uri: str, opener: remote.Opener | None = None) -> dict:
   return manifest
 
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def cache_root(cfg=None) -> str:
