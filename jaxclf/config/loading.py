@@ -42,9 +42,14 @@ def _merge(base: ml_collections.ConfigDict, update: Mapping[str, Any], prefix: s
         raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
       _merge(base[key], value, dotted + ".")
     elif key == "kwargs":
-      base[key] = ml_collections.ConfigDict(dict(value or {}))
+      base[key] = ml_collections.ConfigDict({k: _tuples(v) for k, v in dict(value or {}).items()})
     else:
       base[key] = coerce(base[key], value, dotted)
+
+
+def _tuples(value):
+  """YAML lists -> tuples, so a YAML config equals its Python twin (and stays hashable)."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _load_yaml(path: str) -> ml_collections.ConfigDict:
@@ -87,7 +92,7 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None
   key = parts[-1]
   value = yaml.safe_load(raw) if isinstance(raw, str) else raw
   if parts[-2:-1] == ["kwargs"]:
-    node[key] = value  # model kwargs are free-form: the model constructor checks them
+    node[key] = _tuples(value)  # model kwargs are free-form: the model constructor checks them
     return
   check_known_key(node, key, dotted)
   node[key] = coerce(node[key], value, dotted)
