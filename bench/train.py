@@ -1,7 +1,7 @@
 """Training throughput: jaxclf (JAX/Flax, jitted step) against the same architecture in PyTorch,
 side by side in one invocation. Prints JSON.
 
-  .venv/bin/python bench/train.py                 # default CNN and ResNet-18 (half width)
+  .venv/bin/python bench/train.py                 # default CNN, the anchor CNN, ResNet-18 (half width)
   .venv/bin/python bench/train.py --repeats 3 --steps 30 --out bench/results/train.json
 
 Each measurement runs in its own subprocess (no thread pools shared between frameworks), on
@@ -22,9 +22,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+_DEFAULT_LAYERS = (32, "M", 64, 64, "M", 128, "M")  # configs/cnn.py
 CASES = {
     # name: (jaxclf model, model kwargs, torch ctor kwargs, batch)
-    "cnn": ("cnn", {}, ("CNN", {}), 256),
+    "cnn_default": ("cnn", {"layers": _DEFAULT_LAYERS}, ("CNN", {"layers": _DEFAULT_LAYERS}), 128),
+    "cnn_anchor": ("cnn", {}, ("CNN", {}), 256),
     "resnet18_w32": ("resnet18", {"num_filters": 32, "stem": "small"}, ("ResNet18", {"width": 32}), 128),
 }
 

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None):
   elif arg == "tiny":
     c.name = "cnn_tiny"
     c.model.name = "cnn_tiny"
+    c.model.kwargs = type(c.model.kwargs)()  # the tiny model's own layers
     c.data.limit_per_split = 512
     c.train.batch_size = 64
     c.train.num_epochs = 2

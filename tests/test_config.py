@@ -35,6 +35,7 @@ def test_config_arg_selects_variant(repo_root):
     ("model.name=resnet19", "model.name: unknown model 'resnet19'. Did you mean"),
     ("train.tta_flip=maybe", "train.tta_flip: expected true/false"),
     ("data.channels=3", "preprocessing.mean: needs 3 value(s) for data.channels=3"),
+    ("model.name=resnet18", "model.kwargs.layers: model 'resnet18' takes no argument 'layers'"),
 ])
 def test_validation_names_the_field(repo_root, override, message):
   with pytest.raises(ConfigError) as e:

@@ -70,7 +70,10 @@ def test_checkpoints_and_inference_loading(tiny_run):
   from jaxclf.data.sources.fashion_mnist import load_arrays
   from jaxclf.data.transforms import preprocess_batch
   x, y = load_arrays()["test"]
-  logits = best.logits(preprocess_batch(list(x[:512]), best.spec))
+  images = preprocess_batch(list(x[:512]), best.spec)
+  logits = best.logits(images)
+  if best.config.train.tta_flip:  # the run's test metric averages with the mirrored image
+    logits = 0.5 * (logits + best.logits(images[:, :, ::-1]))
   acc = float((logits.argmax(1) == y[:512]).mean())
   # The run's own test metric used the same checkpoint, data and preprocessing.
   assert acc == pytest.approx(record["metrics"]["test"]["accuracy"], abs=1e-6)
@@ -87,6 +90,7 @@ def test_early_stopping_stops_and_says_so(tmp_path):
 def test_nan_fails_fast_naming_the_step(tmp_path):
   # A custom model (given by import path) whose output turns non-finite at its first step.
   cfg = tiny(["model.name=tests.custom_models:NaNAfterInit"])
+  assert dict(cfg.model.kwargs) == {}
   with pytest.raises(NonFiniteError, match=r"non-finite training loss/gradient at step 1 "):
     train_and_evaluate(cfg, str(tmp_path))
   assert json.load(open(tmp_path / "run.json"))["status"] == "failed"

@@ -108,6 +108,21 @@ def _choose(value: Any, choices, dotted: str) -> None:
     raise ConfigError(f"{dotted}: {value!r} is not one of {list(choices)}.{hint}")
 
 
+def _check_model_kwargs(ctor, name: str, kwargs: dict) -> None:
+  """model.kwargs must be constructor fields of the chosen model (e.g. after --config.model.name=)."""
+  import dataclasses
+  cls = getattr(ctor, "func", ctor)  # functools.partial variants
+  if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+    return  # a plain factory function: its own signature will check
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
+  for key in kwargs:
+    if key not in fields:
+      close = difflib.get_close_matches(key, fields, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ConfigError(f"model.kwargs.{key}: model {name!r} takes no argument {key!r}.{hint} "
+                        f"It takes: {', '.join(sorted(fields))}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, wrong types, out-of-range values or unknown names."""
   from jaxclf.models.registry import resolve_model  # model names come from the registry
@@ -127,9 +142,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choose(config.optimizer.name, sorted(OPTIMIZERS), "optimizer.name")
   _choose(config.schedule.name, sorted(SCHEDULES), "schedule.name")
   try:
-    resolve_model(config.model.name)
+    ctor = resolve_model(config.model.name)
   except ValueError as e:
     raise ConfigError(f"model.name: {e}") from None
+  _check_model_kwargs(ctor, config.model.name, dict(config.model.kwargs))
   c = config.data.channels
   for key in ("mean", "std"):
     if len(config.preprocessing[key]) != c:
