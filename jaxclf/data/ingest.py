@@ -300,18 +300,24 @@ def _keeping_blobs(c: plan_lib.Candidate, work: str) -> Callable:
   return read
 
 
-def check_resumable(candidates: list[plan_lib.Candidate], work: str, opts: IngestOptions,
-                    keep_blobs: bool) -> list[scan.Checked]:
-  journal = os.path.join(work, "checks.jsonl")
+def _read_journal(path: str, key: str) -> dict[str, dict]:
+  """Rows of a JSON-lines journal by `key`; a line torn by a crash ends it (all before is good)."""
   done: dict[str, dict] = {}
-  if os.path.exists(journal):
-    with open(journal) as f:
+  if os.path.exists(path):
+    with open(path) as f:
       for line in f:
         try:
           row = json.loads(line)
         except json.JSONDecodeError:
-          break  # a line torn by a crash: everything before it is good
-        done[row["uri"]] = row
+          break
+        done[row[key]] = row
+  return done
+
+
+def check_resumable(candidates: list[plan_lib.Candidate], work: str, opts: IngestOptions,
+                    keep_blobs: bool) -> list[scan.Checked]:
+  journal = os.path.join(work, "checks.jsonl")
+  done = _read_journal(journal, "uri")
   results: dict[str, scan.Checked] = {}
   todo = []
   for c in candidates:
@@ -407,15 +413,7 @@ def write_shard(path: str, entries: list[plan_lib.Entry], work: str, keep_blobs:
 
 def write_shards(layout, out: str, work: str, keep_blobs: bool) -> dict[str, list[dict]]:
   journal = os.path.join(work, "shards.jsonl")
-  done: dict[str, dict] = {}
-  if os.path.exists(journal):
-    with open(journal) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          break
-        done[row["file"]] = row
+  done = _read_journal(journal, "file")
   result: dict[str, list[dict]] = {}
   with open(journal, "a") as jf:
     for split, shards in layout.items():

@@ -22,6 +22,21 @@ from typing import Iterable
 import fsspec
 
 
+
+def _durable_temp(path: str, data: bytes) -> str:
+  """Writes `data`, fsynced, to a temp file beside `path`; the caller renames or links it."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:
+    _unlink(tmp)
+    raise
+  return tmp
+
 class StoreError(RuntimeError):
   pass
 
@@ -69,13 +84,8 @@ class Store:
     if not self.local:
       self.fs.pipe_file(path, data)
       return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    tmp = _durable_temp(path, data)
     try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
       os.replace(tmp, path)
     except BaseException:
       _unlink(tmp)
@@ -83,13 +93,8 @@ class Store:
 
   def create_exclusive(self, path: str, data: bytes) -> bool:
     if self.local:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+      tmp = _durable_temp(path, data)
       try:
-        with os.fdopen(fd, "wb") as f:
-          f.write(data)
-          f.flush()
-          os.fsync(f.fileno())
         os.link(tmp, path)  # atomic: fails with FileExistsError if someone else won
         return True
       except FileExistsError:
