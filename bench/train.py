@@ -3,6 +3,8 @@ side by side in one invocation. Prints JSON.
 
   .venv/bin/python bench/train.py                 # default CNN, the anchor CNN, ResNet-18 (half width)
   .venv/bin/python bench/train.py --repeats 3 --steps 30 --out bench/results/train.json
+  .venv/bin/python bench/train.py --case cnn_anchor --conv-impl xla --conv-impl matmul --conv-impl onednn
+                                                  # the conv levers, each beside PyTorch, one run
 
 Each measurement runs in its own subprocess (no thread pools shared between frameworks), on
 synthetic data of the real shape, after warm-up (compilation excluded), with the optimizer and
@@ -22,16 +24,30 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-_DEFAULT_LAYERS = (32, "M", 64, 64, "M", 128, "M")  # configs/cnn.py
+def _default_cnn():
+  """configs/cnn.py's layers and batch size (read at run time, so the case follows the config)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cnn_config", os.path.join(ROOT, "configs/cnn.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  return tuple(c.model.kwargs.layers), int(c.train.batch_size)
+
+
+_DEFAULT_LAYERS, _DEFAULT_BATCH = _default_cnn()
+_PREVIOUS_DEFAULT = (32, "M", 64, 64, "M", 128, "M")  # configs/cnn.py until 2026-12-01
 CASES = {
     # name: (jaxclf model, model kwargs, torch ctor kwargs, batch)
-    "cnn_default": ("cnn", {"layers": _DEFAULT_LAYERS}, ("CNN", {"layers": _DEFAULT_LAYERS}), 128),
+    "cnn_default": ("cnn", {"layers": _DEFAULT_LAYERS}, ("CNN", {"layers": _DEFAULT_LAYERS}),
+                    _DEFAULT_BATCH),
     "cnn_anchor": ("cnn", {}, ("CNN", {}), 256),
+    "cnn_previous_default": ("cnn", {"layers": _PREVIOUS_DEFAULT},
+                             ("CNN", {"layers": _PREVIOUS_DEFAULT}), 128),
     "resnet18_w32": ("resnet18", {"num_filters": 32, "stem": "small"}, ("ResNet18", {"width": 32}), 128),
 }
 
 
-def run_jax(case: str, steps: int, warmup: int) -> dict:
+def run_jax(case: str, steps: int, warmup: int, conv_impl: str = "auto") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -39,6 +55,7 @@ def run_jax(case: str, steps: int, warmup: int) -> dict:
   sys.path.insert(0, ROOT)
   from jaxclf.config import load_config
   from jaxclf.models import create_model
+  from jaxclf.models.layers import resolve_conv_impl
   from jaxclf.train import steps as train_steps
   from jaxclf.train.optimizers import create_optimizer
   from jaxclf.train.schedules import create_learning_rate_fn
@@ -46,7 +63,8 @@ def run_jax(case: str, steps: int, warmup: int) -> dict:
 
   name, kwargs, _, batch = CASES[case]
   c = load_config(os.path.join(ROOT, "configs/cnn.py"), environ={})
-  model = create_model(name, 10, **kwargs)
+  conv_impl = resolve_conv_impl(conv_impl)
+  model = create_model(name, 10, **kwargs, conv_impl=conv_impl)
   state = create_train_state(jax.random.key(0), model, (28, 28, 1), create_optimizer(c))
   lr_fn = create_learning_rate_fn(c, 100, 1000)
   step = jax.jit(partial(train_steps.train_step, lr_fn=lr_fn, label_smoothing=0.1,
@@ -68,7 +86,8 @@ def run_jax(case: str, steps: int, warmup: int) -> dict:
   jax.block_until_ready(state)
   dt = time.time() - t
   return {"images_per_sec": steps * batch / dt, "step_ms": 1000 * dt / steps,
-          "compile_s": compile_s, "params": count_params(state.params), "batch": batch}
+          "compile_s": compile_s, "params": count_params(state.params), "batch": batch,
+          "conv_impl": conv_impl}
 
 
 def run_torch(case: str, steps: int, warmup: int) -> dict:
@@ -106,9 +125,9 @@ def run_torch(case: str, steps: int, warmup: int) -> dict:
           "torch": torch.__version__}
 
 
-def _child(framework, case, steps, warmup) -> dict:
+def _child(framework, case, steps, warmup, conv_impl="auto") -> dict:
   out = subprocess.run([sys.executable, __file__, "--child", framework, "--case", case,
-                        "--steps", str(steps), "--warmup", str(warmup)],
+                        "--steps", str(steps), "--warmup", str(warmup), "--conv-impl", conv_impl],
                        capture_output=True, text=True, cwd=ROOT)
   if out.returncode != 0:
     return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
@@ -122,7 +141,7 @@ def _summary(runs):
   return {"images_per_sec_mean": round(statistics.mean(vals), 1),
           "images_per_sec_std": round(statistics.stdev(vals), 1) if len(vals) > 1 else 0.0,
           "runs": [round(v, 1) for v in vals],
-          **{k: runs[0][k] for k in ("params", "batch", "torch") if k in runs[0]},
+          **{k: runs[0][k] for k in ("params", "batch", "torch", "conv_impl") if k in runs[0]},
           "compile_s": round(runs[0].get("compile_s", 0), 2)}
 
 
@@ -134,24 +153,37 @@ def main():
   p.add_argument("--warmup", type=int, default=5)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--out")
+  p.add_argument("--conv-impl", action="append",
+                 help="jaxclf conv gradient path(s) to measure: auto | xla | matmul | onednn "
+                      "(repeat to compare levers in one run; default auto)")
   a = p.parse_args()
+  impls = a.conv_impl or ["auto"]
   if a.child:
-    fn = run_jax if a.child == "jax" else run_torch
-    print(json.dumps(fn(a.case[0], a.steps, a.warmup)))
+    if a.child == "jax":
+      print(json.dumps(run_jax(a.case[0], a.steps, a.warmup, impls[0])))
+    else:
+      print(json.dumps(run_torch(a.case[0], a.steps, a.warmup)))
     return
   results = {"bench": "train_throughput", "cpu_count": os.cpu_count(),
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg_start": os.getloadavg(),
              "cases": {}}
   for case in a.case or list(CASES):
-    jax_runs, torch_runs = [], []
-    for _ in range(a.repeats):  # alternate so background load hits both alike
-      jax_runs.append(_child("jax", case, a.steps, a.warmup))
+    jax_runs, torch_runs = {impl: [] for impl in impls}, []
+    for _ in range(a.repeats):  # alternate so background load hits every side alike
+      for impl in impls:
+        jax_runs[impl].append(_child("jax", case, a.steps, a.warmup, impl))
       torch_runs.append(_child("torch", case, a.steps, a.warmup))
-    j, t = _summary(jax_runs), _summary(torch_runs)
-    ratio = (j["images_per_sec_mean"] / t["images_per_sec_mean"]
-             if "images_per_sec_mean" in j and "images_per_sec_mean" in t else None)
-    results["cases"][case] = {"jaxclf": j, "pytorch": t,
-                              "jax_over_torch": round(ratio, 3) if ratio else None}
+    t = _summary(torch_runs)
+    entry = {"pytorch": t}
+    for impl in impls:
+      j = _summary(jax_runs[impl])
+      ratio = (j["images_per_sec_mean"] / t["images_per_sec_mean"]
+               if "images_per_sec_mean" in j and "images_per_sec_mean" in t else None)
+      key = "jaxclf" if len(impls) == 1 else f"jaxclf[{impl}]"
+      entry[key] = j
+      entry["jax_over_torch" if len(impls) == 1 else f"jax_over_torch[{impl}]"] = (
+          round(ratio, 3) if ratio else None)
+    results["cases"][case] = entry
   results["load_avg_end"] = os.getloadavg()
   text = json.dumps(results, indent=2)
   print(text)

@@ -2,7 +2,7 @@
 # GPU check, for a session lent a GPU machine (device tool). One short run that measures train-step
 # time, throughput and device utilisation for the default CNN and ResNet-18, and writes JSON to
 # ${OUT:-bench/results}/gpu_check.json. That machine has jax (CUDA), flax and optax but not clu or
-# ml_collections: carry their wheels in .whl/ (see /work/.library/device/README.md), e.g.
+# ml_collections: carry their wheels in .whl/ (see the device tool's notes), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl clu==0.0.12 ml-collections==1.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,9 @@
 #   - Fashion-MNIST from Debian (dataset-fashion-mnist), when apt is available and we are root;
 #     otherwise the loader downloads and sha256-verifies the official files on first use;
 #   - .venv/ at the repo root: the training/evaluation/export environment (numpy 2), exact pins
-#     from requirements/lock.txt, and jaxclf itself (editable);
+#     from requirements/lock.txt, and jaxclf itself (editable), with its oneDNN convolution
+#     extension (jaxclf/ops/onednn_conv.cc -> _onednn_conv*.so, built by setup.py against the
+#     onednn-*-cpu-gomp wheels; jaxclf falls back to XLA's conv if it cannot be built);
 #   - with --serving: .venv-serve/, Triton's environment (numpy<2), via scripts/setup_serving_env.sh;
 #   - with --bench: torch 2.13.0 CPU in .venv, for the side-by-side baselines in bench/ only.
 # Idempotent: rerunning only installs what is missing.
@@ -42,14 +44,17 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 # lock.txt is the whole resolved set (the per-area files document why each piece is there).
 REQS="-r requirements/lock.txt"
 [ "$BENCH" = 1 ] && REQS="$REQS -r requirements/bench.txt"
-stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16)-$BENCH"
+# The stamp covers the extension's sources too, so a changed .cc is rebuilt on rerunning setup.
+stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml setup.py jaxclf/ops/onednn_conv.cc | sha256sum | cut -c1-16)-$BENCH"
 if [ ! -f "$stamp" ]; then
   echo "== pip install (pinned)"
   # shellcheck disable=SC2086
   $PIP install -q $REQS 2>&1 | grep -v "^WARNING: Location" | grep -v "^ *$" || true
   [ "$BENCH" = 1 ] && $PIP install -q --no-deps -r requirements/bench-nodeps.txt
-  $PIP install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+  # --no-build-isolation: setup.py builds the extension against this venv's jaxlib and oneDNN.
+  $PIP install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import jax, flax, grain, orbax.checkpoint, jaxclf" || { echo "setup.sh: install failed" >&2; exit 1; }
+  .venv/bin/python -c "from jaxclf.ops import onednn as o; print('== oneDNN conv:', 'built' if o.available() else 'NOT available (' + str(o.load_error()) + '), using XLA conv')"
   touch "$stamp"
 fi
 if [ "$SERVING" = 1 ]; then

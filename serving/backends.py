@@ -2,7 +2,9 @@
 
 Both backends take the same thing, a list of `PreparedImage` (the client's bytes, already
 decoded and checked by the gateway, and the model input from jaxclf.data.transforms.preprocess),
-and return float32 logits [N, K] in the model's class order.
+and return float32 logits [N, K] in the model's class order. Those logits are already calibrated:
+the export bakes the run's temperature (preprocessing.json `temperature`) into the ONNX graph, so
+the gateway only takes their softmax and nothing here divides by it again.
 
   load_bundle(model_path)   export dir | .../model.onnx | registry:NAME@stage  -> ModelBundle
   OnnxBackend(bundle, ...)  InferenceSession, threads fitted to the machine, MicroBatcher in front

@@ -70,3 +70,20 @@ def s3_bucket(s3_server, request):
   return s3, name
 
 
+
+
+def train_tiny_run(workdir: str, overrides=()) -> dict:
+  """configs/cnn.py:tiny (tiny model, 512 images per split, 2 epochs) trained into `workdir`."""
+  from jaxclf.config import load_config  # noqa: PLC0415
+  from jaxclf.train.loop import train_and_evaluate  # noqa: PLC0415
+  config = load_config(f"{ROOT}/configs/cnn.py:tiny", overrides=list(overrides), environ={})
+  return train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def single_view_tiny_run(tmp_path_factory):
+  """One tiny run per session with test-time augmentation off, so that run.json's
+  metrics.test.accuracy is the single-view figure of the model an export serves.
+  -> (run_dir, run.json record)."""
+  workdir = str(tmp_path_factory.mktemp("tiny-single-view"))
+  return workdir, train_tiny_run(workdir, ["train.tta_flip=false"])

@@ -294,3 +294,51 @@ def test_s3_registry_with_concurrent_registers(s3_bucket, export_dir, tmp_path):
   reg.promote("fashion", 3, "production", reason="on S3")
   local = resolve_model_uri(f"registry:fashion@production?root={root}")
   assert sorted(os.listdir(local)) == sorted([*reg.show("fashion", 3)["artifacts"], "version.json"])
+
+
+def _export_with_source(export_dir, dest, **source):
+  """A copy of the export whose export.json claims another run (export.json is not hashed)."""
+  shutil.copytree(export_dir, dest)
+  path = os.path.join(dest, "export.json")
+  meta = json.load(open(path))
+  meta["source"].update(source)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  return str(dest)
+
+
+def test_accuracy_shown_is_single_view_and_tta_is_apart(registry, export_dir, tmp_path, capsys):
+  """The model's accuracy is run.json metrics.test (single view, what the export serves); a
+  flip-TTA figure (metrics.test_tta) is only ever a separate, labelled field."""
+  tta_run = _export_with_source(
+      export_dir, tmp_path / "tta", config={"train": {"tta_flip": True}},
+      metrics={"val": {"accuracy": 0.91}, "test": {"accuracy": 0.9, "count": 10000},
+               "test_tta": {"accuracy": 0.912, "count": 10000}})
+  mv = registry.register(tta_run, "fashion")
+  assert mv.metadata["metrics"]["test"]["accuracy"] == 0.9
+  assert mv.metadata["metrics"]["test_tta"]["accuracy"] == 0.912
+  s = mv.summary()
+  assert s["test_accuracy"] == 0.9 and s["test_tta_accuracy"] == 0.912
+  assert s["temperature"] == 1.0  # the fixture's spec is uncalibrated
+  shown = registry.show("fashion", 1)
+  assert shown["accuracy"]["test"] == 0.9 and shown["accuracy"]["test_tta"] == 0.912
+  assert "single view" in shown["accuracy"]["basis"] and "test_tta_note" in shown["accuracy"]
+  # A run recorded before single-view metrics existed: its metrics.test is a TTA figure, so it
+  # is shown as test_tta and the single-view accuracy is left empty, not filled with it.
+  legacy = _export_with_source(
+      export_dir, tmp_path / "legacy", config={"train": {"tta_flip": True}},
+      metrics={"val": {"accuracy": 0.91}, "test": {"accuracy": 0.912, "count": 10000}})
+  s2 = registry.register(legacy, "fashion").summary()
+  assert s2["test_accuracy"] is None and s2["test_tta_accuracy"] == 0.912
+  assert "not recorded" in registry.show("fashion", 2)["accuracy"]["basis"]
+  # The plain fixture (no TTA in its config): metrics.test is the accuracy, no TTA column value.
+  s3 = registry.register(export_dir, "fashion").summary()
+  assert s3["test_accuracy"] == 0.905 and s3["test_tta_accuracy"] is None
+  from jaxclf.export.cli import main
+  capsys.readouterr()
+  assert main(["registry", "--root", registry.root, "list", "fashion"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  header = lines[0].split()
+  assert header[4:6] == ["test_accuracy", "test_tta_accuracy"]
+  rows = [dict(zip(header, line.split())) for line in lines[1:]]
+  assert rows[0]["test_accuracy"] == "0.9000" and rows[0]["test_tta_accuracy"] == "0.9120"

@@ -44,6 +44,15 @@ def test_run_record_has_everything(tiny_run):
   assert 0.0 <= on_disk["metrics"]["test"]["accuracy"] <= 1.0
   assert on_disk["metrics"]["test"]["count"] == 512
   assert on_disk["best"]["metric"] == "val_accuracy"
+  # Which paths ran: the conv gradient implementation and on-device augmentation (in memory).
+  from jaxclf.models.layers import resolve_conv_impl
+  assert on_disk["model"]["conv_impl"] == resolve_conv_impl("auto")
+  assert on_disk["model"]["input_path"] == "on_device"
+  cal = on_disk["calibration"]
+  assert cal["temperature"] > 0 and cal["count"] == 512
+  assert {"ece_before", "ece_after", "test_ece_before", "test_ece_after"} <= set(cal)
+  spec = json.load(open(os.path.join(workdir, "preprocessing.json")))
+  assert spec["temperature"] == cal["temperature"]
 
 
 def test_tensorboard_events_are_real(tiny_run):
@@ -136,7 +145,9 @@ def test_kill9_mid_epoch_then_rerun_resumes_exactly(tmp_path):
   for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert cut["metrics"] == ref["metrics"]
-  assert cut["history"] == ref["history"]
+  assert cut["calibration"] == ref["calibration"]
+  untimed = lambda history: [{k: v for k, v in h.items() if k != "wall_time"} for h in history]
+  assert untimed(cut["history"]) == untimed(ref["history"])
 
 
 def test_sweep_grid_runs_each_trial_and_compares(tmp_path, capsys):

@@ -23,6 +23,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.read_threads = 2  # Grain read threads; 0 = in the training thread
   c.data.prefetch_batches = 8
   c.data.worker_processes = 0  # Grain mp_prefetch workers; threads beat processes on 2 cores
+  # 'auto': datasets whose decoded pixels are in memory at the model's input size (Fashion-MNIST,
+  # small folders) are batched by index and augmented inside the jitted step
+  # (jaxclf/data/device_augment.py); others stream through Grain with per-example host transforms.
+  c.data.on_device = "auto"  # auto | true | false
 
   c.preprocessing = ml_collections.ConfigDict()
   c.preprocessing.image_size = 28
@@ -47,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.kwargs = ml_collections.ConfigDict()  # passed to the model constructor
   c.model.pretrained = ""  # '' | 'imagenet' (models that ship weights) | path to a run dir
   c.model.dtype = "float32"
+  # Gradient path of the convolutions (jaxclf/models/layers.py): auto = oneDNN on CPU when built,
+  # else pure-JAX tap matmuls; XLA's own on GPU. Same maths and parameters either way.
+  c.model.conv_impl = "auto"  # auto | xla | matmul | onednn
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # sgd | adam | adamw
@@ -78,7 +85,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # latest N (the best-by-val one is kept separately)
   c.train.eval_batch_size = 1000
   c.train.eval_every_epochs = 1
-  c.train.tta_flip = False  # average logits with the horizontally flipped image at eval
+  # Also report the flip-TTA test accuracy, as metrics.test_tta. Off: the served model is single
+  # view, so the headline figures are too; TTA would double inference cost.
+  c.train.tta_flip = False
+  # Fit a softmax temperature on the validation split after training; stored in the run and the
+  # preprocessing spec and baked into the export, so served confidences are calibrated.
+  c.train.calibrate = True
   c.train.max_steps = 0  # 0 = num_epochs worth; >0 stops early (smoke tests, resume tests)
   c.train.progress_bar = True
 

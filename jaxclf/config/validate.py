@@ -84,6 +84,8 @@ CHOICES = {
     "preprocessing.resize": ("nearest", "bilinear", "bicubic", "lanczos"),
     "model.dtype": ("float32", "bfloat16"), "train.class_weights": ("none", "balanced"),
     "early_stopping.metric": ("val_accuracy", "val_loss"),
+    "model.conv_impl": ("auto", "xla", "matmul", "onednn"),
+    "data.on_device": ("auto", "true", "false"),
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxclf.data import transforms
 from jaxclf.data.decode import DecodeError, decode_image
-from jaxclf.data.dataset import Split
+from jaxclf.data.dataset import ArraySource, Split
 
 
 class DecodeFailures:
@@ -89,6 +89,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:
+  """A class-balanced draw with replacement, as many as there are labels."""
+  w = 1.0 / np.bincount(labels)[labels]
+  return np.random.default_rng(seed).choice(len(labels), len(labels), p=w / w.sum())
+
+
 def train_dataset(split: Split, *, epoch: int, seed: int, batch_size: int,
                   transform: TrainTransform, sampler: str = "shuffle",
                   shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
@@ -96,10 +102,7 @@ def train_dataset(split: Split, *, epoch: int, seed: int, batch_size: int,
   s = epoch_seed(seed, epoch)
   source = split.source
   if sampler == "balanced":
-    labels = split.labels
-    w = 1.0 / np.bincount(labels)[labels]
-    idx = np.random.default_rng(s).choice(len(labels), len(labels), p=w / w.sum())
-    source = _Indexed(source, idx)
+    source = _Indexed(source, balanced_indices(split.labels, s))
   ds = grain.MapDataset.source(source).seed(s).shuffle()
   if shard_count > 1:  # one slice per JAX process (multi-host data parallelism)
     ds = ds[shard_index::shard_count]
@@ -126,3 +129,45 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   return {"image": np.concatenate([batch["image"], np.zeros((size - n, *batch["image"].shape[1:]),
                                                             batch["image"].dtype)]),
           "label": np.concatenate([batch["label"], np.full(size - n, -1, np.int32)])}
+
+
+# ----------------------------------------------------------------------------- in-memory batches
+# For splits whose decoded pixels are one uint8 array at the model's input size: batches are
+# gathered by index on the host (microseconds) and normalised/augmented on the device
+# (jaxclf/data/device_augment.py). The position in an epoch is the step itself, so resuming needs
+# no iterator state.
+
+def in_memory_pixels(split: Split, spec: transforms.PreprocessSpec) -> np.ndarray | None:
+  """The split's uint8 NHWC pixels if they are in memory and need no resize/crop, else None."""
+  src = split.source
+  if not isinstance(src, ArraySource):
+    return None
+  images = src.images
+  if (images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != spec.input_shape
+      or spec.crop_fraction != 1.0):
+    return None
+  return images
+
+
+def epoch_order(labels: np.ndarray, *, epoch: int, seed: int, sampler: str = "shuffle"
+                ) -> np.ndarray:
+  """The record order of one training epoch, fully determined by (seed, epoch)."""
+  s = epoch_seed(seed, epoch)
+  idx = balanced_indices(labels, s) if sampler == "balanced" else np.arange(len(labels))
+  return idx[np.random.default_rng(s).permutation(len(idx))]
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int,
+                  start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Full training batches of `order` from batch number `start` on (drop_remainder)."""
+  for b in range(start, len(order) // batch_size):
+    idx = order[b * batch_size:(b + 1) * batch_size]
+    yield {"image": images[idx], "label": labels[idx].astype(np.int32)}
+
+
+def array_eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in order; the last batch padded (label -1) to `batch_size`."""
+  for i in range(0, len(labels), batch_size):
+    yield pad_batch({"image": images[i:i + batch_size],
+                     "label": labels[i:i + batch_size].astype(np.int32)}, batch_size)

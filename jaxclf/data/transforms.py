@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,11 @@ class PreprocessSpec:
   background: int = 255  # transparent pixels are composited on this grey level
   class_names: tuple[str, ...] = ()
   version: int = SPEC_VERSION
+  # Temperature scaling of the model's logits (jaxclf.calibration), fitted on the
+  # validation split after training. Checkpoints keep raw weights; `load_inference` divides by T
+  # and an ONNX export bakes logits / T into its graph, so served logits are already calibrated
+  # and nothing downstream divides again. 1.0 = uncalibrated (and every older spec).
+  temperature: float = 1.0
 
   def __post_init__(self):
     if self.channels not in (1, 3):
@@ -54,6 +60,10 @@ class PreprocessSpec:
       raise ValueError(f"preprocessing.resize must be one of {sorted(_RESAMPLE)}, got {self.resize!r}")
     if not 0 < self.crop_fraction <= 1:
       raise ValueError(f"preprocessing.crop_fraction must be in (0, 1], got {self.crop_fraction}")
+    t = self.temperature
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
+      raise ValueError(f"preprocessing.temperature must be a finite number > 0, got {t!r}")
+    object.__setattr__(self, "temperature", float(t))
 
   @property
   def input_shape(self) -> tuple[int, int, int]:

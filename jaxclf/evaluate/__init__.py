@@ -1,6 +1,8 @@
 """Evaluation: metrics (metrics.py), plots (plots.py), training curves (curves.py), the HTML
-report (report.py), the metrics.json schema (schema.py) and the `jaxclf evaluate` command
-(evaluate.py: `evaluate_model(model_path, test_data, out_dir)`).
+report (report.py), the metrics.json schema (schema.py), temperature scaling (calibration.py:
+`fit_temperature`, `calibrate`) and the `jaxclf evaluate` command (evaluate.py:
+`evaluate_model(model_path, test_data, out_dir)`).
 
-Submodules are imported on use: `jaxclf.evaluate.metrics` needs only numpy and scikit-learn.
+Submodules are imported on use: `jaxclf.evaluate.metrics` needs numpy (scikit-learn only inside
+`compute_metrics`); `jaxclf.calibration` numpy and, when fitting, scipy; neither jax.
 """

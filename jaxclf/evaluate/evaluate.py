@@ -132,6 +132,11 @@ def _load_onnx(uri: str, onnx_path: str) -> LoadedModel:
   if os.path.isfile(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
+  recorded_t = (meta.get("calibration") or {}).get("temperature")
+  if recorded_t is not None and abs(float(recorded_t) - spec.temperature) > 1e-9 * max(1.0, spec.temperature):
+    raise EvaluationError(f"{export_dir}: export.json says the graph applies temperature "
+                          f"{recorded_t} but preprocessing.json says {spec.temperature}; the "
+                          "export is inconsistent (re-export with `jaxclf export`)")
   source = meta.get("source") or {}
   run_dir = source.get("run_dir")
   step = source.get("checkpoint_step")
@@ -431,6 +436,41 @@ def predict(model: LoadedModel, data: TestData, batch_size: int = DEFAULT_BATCH_
   return logits, np.asarray(kept, np.int64), skipped
 
 
+# ----------------------------------------------------------------------------- calibration
+
+def _mean_nll(probs: np.ndarray, y: np.ndarray) -> float:
+  p = np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)
+  return float(-np.log(p).mean())
+
+
+def temperature_scaling(model: LoadedModel, y: np.ndarray, logits: np.ndarray,
+                        test: dict[str, Any]) -> dict[str, Any]:
+  """metrics.json test.temperature_scaling: ECE / NLL with and without the model's temperature.
+
+  Both loaders return calibrated logits (raw / T): the ONNX graph has the division baked in and
+  `load_inference` divides. The figures "before" undo it (logits x T = the network's raw logits);
+  "after" are the figures of the rest of metrics.json (the calibrated model, as served).
+  """
+  from jaxclf.evaluate import metrics as metrics_lib
+  t = float(model.spec.temperature)
+  y = np.asarray(y, np.int64)
+  after = test["calibration"]
+  after_probs = metrics_lib.softmax(logits)
+  raw_probs = metrics_lib.softmax(np.asarray(logits, np.float64) * t) if t != 1.0 else after_probs
+  before = metrics_lib.top1_calibration(y, raw_probs, after["n_bins"]) if t != 1.0 else after
+  return {
+      "temperature": t,
+      "calibrated": t != 1.0,
+      "applied_by": (None if t == 1.0 else "the ONNX graph (logits / T)" if model.format == "onnx"
+                     else "the checkpoint loader (load_inference: logits / T)"),
+      "ece_before": before["ece"], "ece_after": after["ece"],
+      "mce_before": before["mce"], "mce_after": after["mce"],
+      "mean_confidence_before": before["mean_confidence"],
+      "mean_confidence_after": after["mean_confidence"],
+      "nll_before": _mean_nll(raw_probs, y), "nll_after": _mean_nll(after_probs, y),
+  }
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 @dataclasses.dataclass
@@ -439,6 +479,12 @@ class Evaluation:
   metrics_path: str
   report_path: str
   doc: dict
+  # Per-example results behind the figures (not written to disk): the model's logits (already
+  # calibrated: raw / temperature), the model-class labels, and each row's position in the full
+  # test data (as metrics.json's example indices: unchanged by --max-examples).
+  logits: np.ndarray | None = None
+  labels: np.ndarray | None = None
+  example_index: np.ndarray | None = None
 
 
 def default_out_dir(model: LoadedModel, data: TestData) -> str:
@@ -587,6 +633,7 @@ def evaluate_model(model_path: str, test_data: str, out_dir: str | None = None, 
   test = metrics_lib.compute_metrics(labels[kept], metrics_lib.softmax(logits),
                                      model.class_names, n_wrong=GALLERY_SIZE, seed=seed,
                                      n_resamples=bootstrap_resamples)
+  test["temperature_scaling"] = temperature_scaling(model, labels[kept], logits, test)
 
   out_dir = os.path.abspath(out_dir or default_out_dir(model, data))
   os.makedirs(out_dir, exist_ok=True)
@@ -614,7 +661,9 @@ def evaluate_model(model_path: str, test_data: str, out_dir: str | None = None, 
   report_path = os.path.join(out_dir, "report.html")
   _write_json(metrics_path, doc)
   report.write_report(report_path, doc, pngs)
-  return Evaluation(out_dir, metrics_path, report_path, doc)
+  return Evaluation(out_dir, metrics_path, report_path, doc, logits=logits,
+                    labels=labels[kept],
+                    example_index=np.array([data.original_index(i) for i in kept], np.int64))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -666,6 +715,8 @@ def run_evaluate_command(args) -> int:
       "accuracy": round(t["accuracy"], 4),
       "accuracy_ci95": [round(ci["accuracy"]["low"], 4), round(ci["accuracy"]["high"], 4)],
       "macro_f1": round(t["macro"]["f1"], 4), "ece": round(t["calibration"]["ece"], 4),
+      "ece_before_calibration": round(t["temperature_scaling"]["ece_before"], 4),
+      "temperature": t["temperature_scaling"]["temperature"],
       "metrics": ev.metrics_path, "report": ev.report_path}))
   return 0
 

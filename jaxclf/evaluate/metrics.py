@@ -3,7 +3,9 @@
 scikit-learn does the arithmetic of the standard figures (precision/recall/F1, confusion matrix,
 log loss); what it lacks (ECE and the reliability diagram, vectorised bootstrap intervals,
 error rankings) is written here in numpy. Nothing here imports jax, so the same code scores a
-checkpoint, an ONNX export or predictions loaded from disk.
+checkpoint, an ONNX export or predictions loaded from disk. scikit-learn is imported only by
+`compute_metrics`. The ECE (`calibration` / `top1_calibration`) and `softmax` live in the
+foundation module `jaxclf.calibration`, which the trainer uses too.
 
 Conventions:
 - `probs` is (N, K) over the model's K classes; `y_true` holds model class indices.
@@ -16,20 +18,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+from jaxclf.calibration import ECE_BINS, calibration, softmax, top1_calibration  # noqa: F401
 
 DEFAULT_TOP_K = (1, 3, 5)
-ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_CHUNK_ELEMENTS = 2_000_000  # indices per vectorised chunk (about 16 MB per array)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-  """Numerically stable softmax in float64 (probabilities that sum to 1 for log loss)."""
-  z = np.asarray(logits, np.float64)
-  z = z - z.max(axis=1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(axis=1, keepdims=True)
 
 
 def check_inputs(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> None:
@@ -53,40 +47,6 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
   k = min(k, probs.shape[1])
   top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
   return float(np.mean(np.any(top == y_true[:, None], axis=1)))
-
-
-def calibration(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS
-                ) -> dict[str, Any]:
-  """Expected calibration error over equal-width confidence bins, plus the diagram's data.
-
-  Bin b holds confidences in (b/n, (b+1)/n] (the first bin also takes 0). ECE is the
-  count-weighted mean |accuracy - mean confidence| over bins; MCE the largest such gap.
-  """
-  confidence = np.asarray(confidence, np.float64)
-  correct = np.asarray(correct, np.float64)
-  # The 1e-9 keeps a confidence on an edge (0.8 * 15 = 12.000000000000002) in the lower bin.
-  idx = np.clip(np.ceil(confidence * n_bins - 1e-9).astype(np.int64) - 1, 0, n_bins - 1)
-  count = np.bincount(idx, minlength=n_bins)
-  sum_conf = np.bincount(idx, weights=confidence, minlength=n_bins)
-  sum_acc = np.bincount(idx, weights=correct, minlength=n_bins)
-  nonempty = count > 0
-  mean_conf = np.divide(sum_conf, count, out=np.zeros(n_bins), where=nonempty)
-  acc = np.divide(sum_acc, count, out=np.zeros(n_bins), where=nonempty)
-  gap = np.abs(acc - mean_conf)
-  n = len(confidence)
-  edges = np.linspace(0.0, 1.0, n_bins + 1)
-  bins = [{"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(count[b]),
-           "accuracy": float(acc[b]) if nonempty[b] else None,
-           "confidence": float(mean_conf[b]) if nonempty[b] else None}
-          for b in range(n_bins)]
-  return {
-      "ece": float(np.sum(count * gap) / n),
-      "mce": float(gap[nonempty].max()) if nonempty.any() else 0.0,
-      "n_bins": n_bins,
-      "mean_confidence": float(confidence.mean()),
-      "accuracy": float(correct.mean()),
-      "bins": bins,
-  }
 
 
 def _f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray) -> np.ndarray:
@@ -169,6 +129,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
                     n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                     n_confused: int = 10, n_wrong: int = 16) -> dict[str, Any]:
   """Every figure of the evaluation report (the "metrics" object of metrics.json)."""
+  from sklearn import metrics as skm  # seconds to import; only this function needs it
+
   y_true = np.asarray(y_true, np.int64)
   probs = np.asarray(probs, np.float64)
   class_names = list(class_names)
@@ -176,7 +138,6 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
   n, k = probs.shape
   labels = np.arange(k)
   y_pred = probs.argmax(axis=1)
-  correct = y_pred == y_true
 
   precision, recall, f1, support = skm.precision_recall_fscore_support(
       y_true, y_pred, labels=labels, zero_division=0)
@@ -211,7 +172,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
       "macro": averages["macro"],
       "weighted": averages["weighted"],
       "log_loss": float(log_loss),
-      "calibration": calibration(probs[np.arange(n), y_pred], correct, n_bins),
+      "calibration": top1_calibration(y_true, probs, n_bins),
       "confidence_intervals": bootstrap_ci(y_true, y_pred, k, classes=present,
                                            n_resamples=n_resamples, seed=seed),
       "per_class": per_class,

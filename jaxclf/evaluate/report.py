@@ -147,6 +147,10 @@ def _overall(doc: Mapping[str, Any]) -> str:
       cards.append(card(f"top-{k} accuracy", v))
   cards.append(card("log loss", t["log_loss"], fmt=lambda x: f"{x:.4f}"))
   cards.append(card("ECE", t["calibration"]["ece"], fmt=lambda x: f"{x:.4f}"))
+  ts = t.get("temperature_scaling") or {}
+  if ts.get("calibrated"):
+    cards.append(card(f"ECE before calibration (T={ts['temperature']:.3g})", ts["ece_before"],
+                      fmt=lambda x: f"{x:.4f}"))
   rows = [(avg, _pct(t[avg]["precision"]), _pct(t[avg]["recall"]), _pct(t[avg]["f1"]))
           for avg in ("macro", "weighted")]
   body = ('<div class="cards">' + "".join(cards) + "</div>" +
@@ -194,7 +198,18 @@ def _calibration(doc: Mapping[str, Any], png: bytes | None) -> str:
              "under-confident" if c["mean_confidence"] < c["accuracy"] - 0.01 else "well calibrated")
   body = (f'<p>ECE {c["ece"]:.4f} (max gap {c["mce"]:.4f}) over {c["n_bins"]} equal-width bins. '
           f'Mean top-1 confidence {_pct(c["mean_confidence"])} against accuracy '
-          f'{_pct(c["accuracy"])}: <b>{verdict}</b> on average.</p>' + _img(png, "reliability diagram"))
+          f'{_pct(c["accuracy"])}: <b>{verdict}</b> on average.</p>')
+  ts = doc["test"].get("temperature_scaling") or {}
+  if ts.get("calibrated"):
+    body += (f'<p>Temperature scaling: logits divided by T = {ts["temperature"]:.4g} (fitted on '
+             f'the validation split after training; applied by {_e(ts.get("applied_by") or "the model")}, '
+             'so these are the confidences the served model returns). '
+             f'ECE <b>{ts["ece_before"]:.4f} before</b> calibration, <b>{ts["ece_after"]:.4f} after</b>'
+             + (f'; NLL {ts["nll_before"]:.4f} before, {ts["nll_after"]:.4f} after'
+                if "nll_before" in ts else "") + '. Accuracy is unchanged (T does not move the argmax).</p>')
+  elif ts:
+    body += '<p>No temperature scaling (T = 1): these are the raw model confidences.</p>'
+  body += _img(png, "reliability diagram")
   return _section("calibration", body)
 
 

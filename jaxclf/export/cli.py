@@ -52,6 +52,8 @@ def _export(args) -> int:
   result = export_run(args.run, args.out, which=which, overwrite=args.overwrite,
                       tolerance=args.tolerance, full_test_parity=args.full_test_parity)
   out: dict[str, Any] = {"export_dir": result.out_dir, "parity": result.parity,
+                         "accuracy": result.metadata.get("accuracy"),
+                         "temperature": (result.metadata.get("calibration") or {}).get("temperature"),
                          "artifacts": result.artifacts}
   if args.register:
     from jaxclf.registry import Registry
@@ -86,7 +88,12 @@ def _list(args) -> int:
   if not rows:
     print(f"registry {reg.root}: no models")
     return 0
+  # test_accuracy is the single-view figure (the model as served); a flip-TTA figure, when a run
+  # recorded one, gets its own labelled column and never stands in for it.
   cols = ("name", "version", "stage", "created", "test_accuracy", "dataset_version", "source_run")
+  extra = tuple(c for c in ("test_tta_accuracy", "temperature") if any(r.get(c) is not None
+                                                                      for r in rows))
+  cols = cols[:5] + extra + cols[5:]
   table = [[("" if r[c] is None else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])))
             for c in cols] for r in rows]
   widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]

@@ -6,10 +6,14 @@ cannot work on current JAX: the graph is one XlaCallModule op.)
 
 An export directory holds:
   model.onnx             input `images` float32 [N, H, W, C] (already preprocessed, NHWC),
-                         output `logits` float32 [N, K]. metadata_props carry
-                         jaxclf.preprocessing (preprocessing.json), jaxclf.labels (JSON list),
-                         jaxclf.input_name / jaxclf.output_name, jaxclf.source (JSON).
+                         output `logits` float32 [N, K] = network logits / spec.temperature (the
+                         run's fitted temperature scaling is baked into the graph, so softmax of
+                         the output is the calibrated confidence: serving never divides again).
+                         metadata_props carry jaxclf.preprocessing (preprocessing.json),
+                         jaxclf.labels (JSON list), jaxclf.input_name / jaxclf.output_name,
+                         jaxclf.temperature, jaxclf.source (JSON).
   preprocessing.json     `PreprocessSpec.to_dict()`; serving runs `transforms.preprocess` with it.
+                         Its `temperature` records what the graph already applied.
   labels.txt             one class name per line, in logit order.
   reference_stats.json   what serving's drift monitor compares live traffic against, in the format
                          of `serving.monitoring.compute_reference_stats` (version 1):
@@ -24,12 +28,16 @@ An export directory holds:
                          the exported model's own softmax on the same images; "source" says which.
   export.json            written last: format, created, model (name, num_classes, input/output
                          names and shapes, opset, jax2onnx version), source (run_dir,
-                         checkpoint_step, which, config, dataset_version, metrics {val, test}),
-                         parity ({batch: max_abs_diff, top1_agreement}, tolerance, full-set
-                         numbers when run) and artifacts {file: sha256}.
+                         checkpoint_step, which, config, dataset_version, metrics {val, test,
+                         test_tta?}, calibration), accuracy (`tracking.run_record.accuracy_summary`:
+                         `test` = the single-view test accuracy, the model's accuracy; `test_tta`
+                         a separate, labelled flip-TTA figure), calibration {temperature,
+                         applied_in_graph, fitted: the run's record}, parity ({batch:
+                         max_abs_diff, top1_agreement}, tolerance, full-set numbers when run),
+                         model.op_types and artifacts {file: sha256}.
 
-Every export is parity-checked against JAX on real images at batch 1, 7 and 64 before anything is
-written: max |logit difference| <= 1e-4 and 100% top-1 agreement, else `ParityError` and no
+Every export is parity-checked against JAX (logits / temperature) on real images at batch 1, 7 and
+64 before anything is written: max |logit difference| <= 1e-4 and 100% top-1 agreement, else `ParityError` and no
 directory. The directory is built under a temporary name and renamed into place, so a reader never
 sees half an export.
 """
@@ -49,6 +57,7 @@ import numpy as np
 from jaxclf.data.decode import DecodeError, decode_image
 from jaxclf.data.transforms import PreprocessSpec, preprocess, preprocess_batch
 from jaxclf.hashing import sha256_file
+from jaxclf.tracking.run_record import accuracy_summary
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -134,6 +143,7 @@ def attach_metadata(proto, spec: PreprocessSpec, source: Mapping[str, Any] | Non
       "jaxclf.labels": json.dumps(list(spec.class_names)),
       "jaxclf.input_name": INPUT_NAME,
       "jaxclf.output_name": OUTPUT_NAME,
+      "jaxclf.temperature": repr(float(spec.temperature)),
       "jaxclf.source": json.dumps(dict(source or {}), default=str),
   }
   keep = [p for p in proto.metadata_props if p.key not in entries]
@@ -141,8 +151,36 @@ def attach_metadata(proto, spec: PreprocessSpec, source: Mapping[str, Any] | Non
   proto.metadata_props.extend(keep)
   for k, v in entries.items():
     proto.metadata_props.add(key=k, value=v)
+  scaled = (f" (calibrated: network logits / temperature {spec.temperature:g}; softmax them, "
+            "do not divide again)" if spec.temperature != 1.0 else "")
   proto.doc_string = (f"jaxclf export: input '{INPUT_NAME}' float32 [N,{','.join(map(str, spec.input_shape))}]"
-                      f" preprocessed NHWC, output '{OUTPUT_NAME}' float32 [N,{len(spec.class_names)}]")
+                      f" preprocessed NHWC, output '{OUTPUT_NAME}' float32 [N,{len(spec.class_names)}]"
+                      + scaled)
+
+
+def graph_op_types(proto) -> list[str]:
+  """Sorted 'domain:OpType' ('' domain written bare, e.g. 'Conv') of every node, functions
+  included: what a runtime (onnxruntime, Triton's ORT backend) must implement."""
+  ops = {(n.domain, n.op_type) for n in proto.graph.node}
+  for f in proto.functions:
+    ops |= {(n.domain, n.op_type) for n in f.node}
+  return sorted(f"{d}:{o}" if d not in ("", "ai.onnx") else o for d, o in ops)
+
+
+def calibration_record(temperature: float, run_calibration: Mapping[str, Any] | None = None
+                       ) -> dict[str, Any]:
+  """export.json "calibration": the temperature baked into the graph and, when the run fitted
+  it, the run's own record (validation ECE/NLL before and after, test ECE before and after)."""
+  rec: dict[str, Any] = {
+      "temperature": float(temperature),
+      "applied_in_graph": float(temperature) != 1.0,
+      "output": ("logits / temperature: softmax gives calibrated probabilities; consumers must "
+                 "not divide by the temperature again" if float(temperature) != 1.0 else
+                 "raw logits (temperature 1: not calibrated)"),
+  }
+  if run_calibration:
+    rec["fitted"] = dict(run_calibration)
+  return rec
 
 
 def read_metadata(path_or_proto) -> dict[str, str]:
@@ -292,7 +330,13 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
     raise ExportError("no parity images: the export must be checked against JAX on real images")
   x = preprocess_batch(parity_images, spec)
 
-  apply = jax.jit(lambda v, inp: model.apply(v, inp, train=False))
+  # Temperature scaling is part of the exported function: the graph outputs logits / T, so the
+  # softmax serving takes is calibrated and nothing downstream divides again. Parity compares the
+  # graph with JAX logits / T. T = 1 exports the network unchanged (no extra node).
+  temperature = float(spec.temperature)
+  forward = ((lambda v, inp: model.apply(v, inp, train=False)) if temperature == 1.0 else
+             (lambda v, inp: model.apply(v, inp, train=False) / temperature))
+  apply = jax.jit(forward)
   jax_logits = lambda inp: np.asarray(apply(variables, inp))
   num_classes = int(jax_logits(x[:1]).shape[-1])
   if num_classes != len(spec.class_names):
@@ -300,8 +344,7 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
                       f"{len(spec.class_names)} classes")
 
   name = model_name or type(model).__name__.lower()
-  proto = convert_to_onnx(lambda inp: model.apply(variables, inp, train=False), spec.input_shape,
-                          model_name=name)
+  proto = convert_to_onnx(lambda inp: forward(variables, inp), spec.input_shape, model_name=name)
   attach_metadata(proto, spec, source)
   onnx.checker.check_model(proto)
   model_bytes = proto.SerializeToString()
@@ -334,8 +377,13 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
                   "output_shape": [None, num_classes], "layout": "NHWC", "dtype": "float32",
                   "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                   "jax2onnx": _version("jax2onnx"), "onnx": _version("onnx"),
-                  "onnxruntime": _version("onnxruntime")},
+                  "onnxruntime": _version("onnxruntime"),
+                  "op_types": graph_op_types(proto)},
         "source": dict(source or {}),
+        # The model's accuracy is the single-view test figure; a TTA figure only ever appears
+        # as the separate, labelled accuracy.test_tta.
+        "accuracy": accuracy_summary((source or {}).get("metrics"), (source or {}).get("config")),
+        "calibration": calibration_record(temperature, (source or {}).get("calibration")),
         "parity": parity,
         "reference_stats": {"count": stats["count"], "source": reference_source},
         "artifacts": artifacts,
@@ -428,6 +476,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str | int = "best",
       "dataset": {"name": dataset.name, "version": dataset.version},
       "dataset_version": dataset.version,
       "metrics": run.get("metrics", {}),
+      "calibration": run.get("calibration") or (run.get("metrics") or {}).get("calibration"),
       "git": run.get("git"),
       "skipped_images": skipped,
   }

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxclf.models.layers import StemConv, max_pool_2x2
+from jaxclf.models.layers import BatchNorm, Conv, StemConv, max_pool_2x2
 from jaxclf.models.registry import register_model
 
 
@@ -21,10 +21,11 @@ class CNN(nn.Module):
   dropout: float = 0.2
   global_pool: str = "flatten"  # 'flatten' | 'avg'
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # gradient path of the 3x3 convs (layers.Conv); the trainer picks it
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    norm = partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
     x = x.astype(self.dtype)
     for i, spec in enumerate(self.layers):
@@ -32,9 +33,9 @@ class CNN(nn.Module):
         x = max_pool_2x2(x)
       else:
         if i == 0 and x.shape[-1] <= 4:  # few input channels: patches @ kernel is faster on CPU
-          x = StemConv(int(spec), dtype=self.dtype)(x)
+          x = StemConv(int(spec), dtype=self.dtype, impl=self.conv_impl)(x)
         else:
-          x = nn.Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype)(x)
+          x = Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype, impl=self.conv_impl)(x)
         x = nn.relu(norm()(x))
     x = x.mean(axis=(1, 2)) if self.global_pool == "avg" else x.reshape((x.shape[0], -1))
     for width in self.hidden:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxclf.models.layers import BatchNorm, Conv
 from jaxclf.models.registry import register_model
 
 ModuleDef = Any
@@ -65,11 +66,12 @@ class ResNet(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   act: Callable = nn.relu
+  conv_impl: str = "xla"  # gradient path of the convs (layers.Conv); the trainer picks it
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    conv = partial(Conv, use_bias=False, dtype=self.dtype, impl=self.conv_impl)
+    norm = partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.stem == "imagenet":

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from jaxclf.registry.store import Store
 from jaxclf.hashing import sha256_bytes as _sha256_bytes, sha256_file as _sha256_file
+from jaxclf.tracking.run_record import accuracy_summary
 
 STAGES = ("experimental", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")
@@ -75,14 +76,26 @@ class ModelVersion:
   stage: str
   metadata: dict[str, Any]
 
+  @property
+  def accuracy(self) -> dict[str, Any]:
+    """`accuracy_summary` of the version: `test` is the single-view test accuracy (the model as
+    served), `test_tta` a separate flip-TTA figure. Versions registered before version.json had
+    an "accuracy" block get it computed from their metrics and config the same way."""
+    m = self.metadata
+    acc = m.get("accuracy")
+    return acc if isinstance(acc, dict) else accuracy_summary(m.get("metrics"), m.get("config"))
+
   def summary(self) -> dict[str, Any]:
     m = self.metadata
+    acc = self.accuracy
     return {"name": self.name, "version": self.version, "stage": self.stage,
             "created": m.get("created"), "source_run": m.get("source", {}).get("run_dir"),
             "checkpoint_step": m.get("source", {}).get("checkpoint_step"),
             "dataset_version": m.get("dataset_version"),
-            "test_accuracy": _dig(m, "metrics", "test", "accuracy"),
-            "val_accuracy": _dig(m, "metrics", "val", "accuracy"),
+            "test_accuracy": acc.get("test"),
+            "test_tta_accuracy": acc.get("test_tta"),
+            "val_accuracy": acc.get("val"),
+            "temperature": _dig(m, "calibration", "temperature"),
             "model_sha256": m.get("artifacts", {}).get("model.onnx", {}).get("sha256")}
 
 
@@ -191,7 +204,10 @@ class Registry:
     artifacts = {f: {"sha256": _sha256_file(os.path.join(export_dir, f)),
                      "size": os.path.getsize(os.path.join(export_dir, f))} for f in files}
     source = dict(export.get("source", {}))
-    run_metrics = metrics if metrics is not None else source.get("metrics", {})
+    run_metrics = (metrics if metrics is not None else source.get("metrics", {})) or {}
+    metrics_record = {"val": run_metrics.get("val"), "test": run_metrics.get("test")}
+    if run_metrics.get("test_tta") is not None:  # flip-TTA test figure, kept apart and labelled
+      metrics_record["test_tta"] = run_metrics["test_tta"]
     claim = json.dumps({"time": _now(), "user": _user(), "export_dir": os.path.abspath(export_dir)})
     version = self._take_number(name, "claims", claim.encode())
     meta = {
@@ -201,7 +217,11 @@ class Registry:
                                                "checkpoint_step", "git") if k in source},
         "config": source.get("config"),
         "dataset_version": source.get("dataset_version") or _dig(source, "dataset", "version"),
-        "metrics": {"val": (run_metrics or {}).get("val"), "test": (run_metrics or {}).get("test")},
+        "metrics": metrics_record,
+        # What `show` / `list` present as the model's accuracy: single-view test accuracy, with
+        # any TTA figure apart and labelled (see tracking.run_record.accuracy_summary).
+        "accuracy": accuracy_summary(metrics_record, source.get("config")),
+        "calibration": export.get("calibration"),
         "model": export.get("model"),
         "parity": export.get("parity"),
         "export_dir": os.path.abspath(export_dir),
@@ -274,7 +294,8 @@ class Registry:
 
   def show(self, name: str, ref: str | int) -> dict[str, Any]:
     mv = self.get(name, ref)
-    return {**mv.metadata, "stage": mv.stage, "history": self.history(name, mv.version)}
+    return {**mv.metadata, "accuracy": mv.accuracy, "stage": mv.stage,
+            "history": self.history(name, mv.version)}
 
   # ------------------------------------------------------------------ stages
 

@@ -103,3 +103,52 @@ class RunRecord:
     with open(tmp, "w") as f:
       json.dump(self.data, f, indent=2, default=str)
     os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------- headline figures
+
+SINGLE_VIEW_BASIS = ("single view (no test-time augmentation), best-by-validation checkpoint, "
+                     "held-out test split: run.json metrics.test.accuracy; the model as served")
+
+
+def _config_value(config: Any, dotted: str) -> Any:
+  """A value from a flattened ('train.tta_flip') or nested ({'train': {'tta_flip'}}) config."""
+  if not isinstance(config, dict):
+    return None
+  if dotted in config:
+    return config[dotted]
+  node: Any = config
+  for part in dotted.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def accuracy_summary(metrics: dict[str, Any] | None, config: Any = None) -> dict[str, Any]:
+  """The accuracy figures an export, a registry version or `jaxclf registry show|list` present.
+
+  `test` is the single-view test accuracy (run.json metrics.test.accuracy): what the exported,
+  served model does on one view of each image. A run with train.tta_flip also stores the
+  flip-averaged figure as metrics.test_tta; it is returned as `test_tta`, a separate, labelled
+  number, never as the model's accuracy. Runs recorded before metrics.test_tta existed evaluated
+  metrics.test itself with TTA when train.tta_flip was on: that figure moves to `test_tta` and
+  `test` is None (re-evaluate with `jaxclf evaluate` for the single-view accuracy).
+  """
+  metrics = metrics if isinstance(metrics, dict) else {}
+  test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+  tta = metrics.get("test_tta") if isinstance(metrics.get("test_tta"), dict) else {}
+  val = metrics.get("val") if isinstance(metrics.get("val"), dict) else {}
+  tta_on = bool(_config_value(config, "train.tta_flip"))
+  out: dict[str, Any] = {"test": test.get("accuracy"), "test_count": test.get("count"),
+                         "test_tta": tta.get("accuracy"), "val": val.get("accuracy"),
+                         "basis": SINGLE_VIEW_BASIS}
+  if tta_on and not tta and test:
+    out.update(test=None, test_count=None, test_tta=test.get("accuracy"),
+               basis=("not recorded: this run predates single-view test metrics and its "
+                      "metrics.test is a flip-TTA figure (shown as test_tta); run `jaxclf "
+                      "evaluate` on the export for the single-view accuracy"))
+  if out["test_tta"] is not None:
+    out["test_tta_note"] = ("test-time augmentation (mean of the image and its mirror): not what "
+                            "the exported model serves")
+  return out

@@ -86,8 +86,22 @@ class InferenceModel:
   def class_names(self) -> list[str]:
     return list(self.spec.class_names)
 
+  @property
+  def temperature(self) -> float:
+    """The run's fitted temperature (preprocessing.json), 1.0 when it was never calibrated."""
+    return float(getattr(self.spec, "temperature", 1.0))
+
   def logits(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """float32 NHWC preprocessed images -> float32 logits; pads the last batch to one shape."""
+    """float32 NHWC preprocessed images -> calibrated float32 logits, raw / spec.temperature:
+    the same numbers the ONNX export outputs (it bakes the division into its graph), so softmax
+    of these is the served confidence. Pads the last batch to one shape."""
+    out = self.raw_logits(x, batch_size)
+    t = self.temperature
+    return out if t == 1.0 else (out / np.float32(t)).astype(np.float32)
+
+  def raw_logits(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """The network's own logits, before temperature scaling (what checkpoints, training
+    metrics and temperature fitting see)."""
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.spec.input_shape):
       raise ValueError(f"model input must be (N, {', '.join(map(str, self.spec.input_shape))}), "

@@ -8,6 +8,7 @@ The training core imports no export, serving or tracking-server code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,11 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxclf.config import validate
-from jaxclf.data import pipeline, transforms
+from jaxclf.data import device_augment, pipeline, transforms
 from jaxclf.data.dataset import DataError, class_weights, load_dataset, write_report
+from jaxclf.models.layers import resolve_conv_impl
 from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
-from jaxclf.train import steps
+from jaxclf.train import inputs, steps
 from jaxclf.train.checkpoints import Checkpointer
 from jaxclf.train.optimizers import create_optimizer
 from jaxclf.train.schedules import create_learning_rate_fn
@@ -90,22 +92,32 @@ def _improved(value, best, mode, min_delta):
   return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def evaluate_split(state, split, spec, config, eval_step_fn, data_sharding, failures=None) -> dict:
+def evaluate_split(state, split, spec, config, eval_steps, data_sharding, failures=None,
+                   with_logits: bool = False) -> dict:
+  """Loss and accuracy of `state` on every example of `split` (padding masked out).
+  `eval_steps`: {on_device: jitted eval step} for uint8 (device) or preprocessed (host) batches."""
   bs = int(config.train.eval_batch_size)
   n_dev = data_sharding.mesh.size
   bs = max(n_dev, bs - bs % n_dev)
-  ds = pipeline.eval_dataset(split, batch_size=bs, transform=pipeline.EvalTransform(
-      spec, int(config.data.max_pixels), failures))
-  total = None
-  for batch in pipeline.to_iterator(ds, int(config.data.read_threads), 4):
-    batch = jax.device_put(pipeline.pad_batch(batch, bs), data_sharding)
-    m, _ = eval_step_fn(state, batch)
+  on_device = inputs.use_device_path(config.data.on_device, split, spec, None)
+  total, logits, labels = None, [], []
+  for batch in inputs.eval_batches(split, spec, bs, on_device=on_device,
+                                   max_pixels=int(config.data.max_pixels),
+                                   read_threads=int(config.data.read_threads), failures=failures):
+    m, out = eval_steps[on_device](state, jax.device_put(batch, data_sharding))
     total = m if total is None else total.merge(m)
+    if with_logits:
+      keep = batch["label"] >= 0
+      logits.append(np.asarray(out)[keep])
+      labels.append(batch["label"][keep])
   if total is None:
     return {}
   c = total.compute()
-  return {"loss": float(c["loss"]), "accuracy": float(c["accuracy"]),
-          "count": int(jax.device_get(total.accuracy.count))}
+  result = {"loss": float(c["loss"]), "accuracy": float(c["accuracy"]),
+            "count": int(jax.device_get(total.accuracy.count))}
+  if with_logits:
+    result["logits"], result["labels"] = np.concatenate(logits), np.concatenate(labels)
+  return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -144,10 +156,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---- model and state.
   model = create_model_from_config(config, dataset.num_classes)
+  conv_impl = resolve_conv_impl(config.model.conv_impl)
+  if hasattr(model, "conv_impl"):  # built-ins; a custom model keeps its own convolutions
+    model = model.clone(conv_impl=conv_impl)
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = create_optimizer(config)
   rng = jax.random.key(int(config.seed))
-  init_rng, dropout_key = jax.random.split(rng)
+  init_rng, dropout_key, augment_key = jax.random.split(rng, 3)
   state = create_train_state(init_rng, model, spec.input_shape, tx)
   ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
   meta: dict[str, Any] = {"epoch": 0, "iter_state": None, "best": None, "bad_epochs": 0,
@@ -170,30 +185,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = jax.device_put(state, repl)
   cw = jnp.asarray(class_weights(train_split.labels, dataset.num_classes,
                                  config.train.class_weights))
+  failures = pipeline.DecodeFailures()
+  train_input = inputs.TrainInput(
+      train_split, spec, aug, batch_size, steps_per_epoch, int(config.seed), config.data.sampler,
+      on_device=inputs.use_device_path(config.data.on_device, train_split, spec, aug),
+      grain_transform=pipeline.TrainTransform(spec, aug, int(config.data.max_pixels), failures),
+      read_threads=int(config.data.read_threads), prefetch=int(config.data.prefetch_batches),
+      worker_processes=int(config.data.worker_processes))
   train_step = jax.jit(
       partial(steps.train_step, lr_fn=lr_fn, label_smoothing=float(config.train.label_smoothing),
-              class_weights=cw, dropout_key=dropout_key),
+              class_weights=cw, dropout_key=dropout_key,
+              prepare=train_input.prepare_fn(augment_key)),
       in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
-  eval_step = jax.jit(partial(steps.eval_step, num_classes=dataset.num_classes,
-                              tta_flip=bool(config.train.tta_flip)),
-                      in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
+  eval_steps, tta_eval_steps = ({
+      on_device: jax.jit(partial(steps.eval_step, num_classes=dataset.num_classes, tta_flip=tta,
+                                 prepare=device_augment.make_prepare_fn(spec, None, None)
+                                 if on_device else None),
+                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
+      for on_device in (False, True)} for tta in (False, True))
 
   writer = MetricWriter(os.path.join(workdir, "tb"))
   record = RunRecord(workdir)
   n_params = count_params(state.params)
   record.start(config, dataset.summary(), {"name": config.model.name, "params": n_params,
-                                           "kwargs": dict(config.model.kwargs)}, resumed_step)
+                                           "kwargs": dict(config.model.kwargs),
+                                           "conv_impl": getattr(model, "conv_impl", "model's own"),
+                                           "input_path": "on_device" if train_input.on_device
+                                           else "grain"}, resumed_step)
   if resumed_step is None:
     writer.write_hparams({k: v for k, v in record.data["config"].items()
                           if not isinstance(v, list)})
-  failures = pipeline.DecodeFailures()
-  transform = pipeline.TrainTransform(spec, aug, int(config.data.max_pixels), failures)
   es = config.early_stopping
   es_mode = "max" if es.metric.endswith("accuracy") else "min"
-  log.info("model %s: %d params; %d train / %d val / %d test images; %d steps/epoch on %d device(s)",
-           config.model.name, n_params, len(train_split.labels), len(dataset.split("val").labels),
+  log.info("model %s: %d params, conv %s; %d train / %d val / %d test images; %d steps/epoch on "
+           "%d device(s); batches %s", config.model.name, n_params, conv_impl,
+           len(train_split.labels), len(dataset.split("val").labels),
            len(dataset.splits.get("test").labels) if "test" in dataset.splits else 0,
-           steps_per_epoch, n_dev)
+           steps_per_epoch, n_dev, "augmented on the device" if train_input.on_device
+           else "from Grain")
 
   step = int(jax.device_get(state.step))
   progress = _Progress(bool(config.train.progress_bar), min(total_steps, max_steps), step)
@@ -202,14 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     epoch = int(meta["epoch"])
     while epoch < int(config.train.num_epochs) and step < max_steps:
-      ds = pipeline.train_dataset(train_split, epoch=epoch, seed=int(config.seed),
-                                  batch_size=batch_size, transform=transform,
-                                  sampler=config.data.sampler)
-      it = pipeline.to_iterator(ds, int(config.data.read_threads),
-                                int(config.data.prefetch_batches), int(config.data.worker_processes))
-      if meta.get("iter_state") is not None:
-        it.set_state(meta["iter_state"])
-        meta["iter_state"] = None
+      it = train_input.epoch_batches(epoch, step, meta.get("iter_state"))
+      meta["iter_state"] = None
       window = {"wait": 0.0, "t0": time.time(), "steps": 0}
       acc_metrics = None
       prev = None  # the previous step's metrics: checked for NaN while this step runs
@@ -221,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
         window["wait"] += time.time() - t_wait
         if step == 0 or (resumed_step is not None and step == resumed_step):
-          grid = transforms.image_grid(transforms.denormalize(batch["image"][:32], spec))
+          grid = transforms.image_grid(train_input.preview(batch, augment_key, step))
           writer.write_images(step, {"train/augmented_batch": grid})
         state, m = train_step(state, jax.device_put(batch, data_sharding))
         if prev is not None:
@@ -244,21 +267,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           meta.setdefault("last_train", {}).update(c)
           acc_metrics, window = None, {"wait": 0.0, "t0": time.time(), "steps": 0}
         if step % int(config.train.checkpoint_every_steps) == 0 and step < max_steps:
-          ckpt.save(state, {**meta, "epoch": epoch, "iter_state": it.get_state()})
+          ckpt.save(state, {**meta, "epoch": epoch, "iter_state": train_input.iterator_state(it)})
       if prev is not None:
         _check_finite(prev, step)
       if step >= max_steps and step % steps_per_epoch:
-        ckpt.save(state, {**meta, "epoch": epoch, "iter_state": it.get_state()})
+        ckpt.save(state, {**meta, "epoch": epoch, "iter_state": train_input.iterator_state(it)})
         break  # a max_steps stop mid-epoch: no epoch-end evaluation
       epoch += 1
       meta["epoch"] = epoch
       if epoch % int(config.train.eval_every_epochs) == 0 or epoch == int(config.train.num_epochs):
-        val = evaluate_split(state, dataset.split("val"), spec, config, eval_step, data_sharding,
+        val = evaluate_split(state, dataset.split("val"), spec, config, eval_steps, data_sharding,
                              failures)
         writer.write_scalars(step, {"val/loss": val["loss"], "val/accuracy": val["accuracy"]})
         meta["history"].append({"epoch": epoch, "step": step, "val_loss": val["loss"],
                                 "val_accuracy": val["accuracy"],
-                                "train_loss": meta.get("last_train", {}).get("loss")})
+                                "train_loss": meta.get("last_train", {}).get("loss"),
+                                "wall_time": time.time()})
         progress.write(f"epoch {epoch}/{config.train.num_epochs} step {step}: val loss "
                        f"{val['loss']:.4f} acc {val['accuracy']:.4f} "
                        f"({time.time() - t_run:.0f}s)")
@@ -291,15 +315,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt.wait()
 
   # ---- held-out test on the best-by-validation checkpoint (never used for selection).
-  result_metrics: dict[str, Any] = {"val": meta["best"]["val"] if meta["best"] else None}
   best_ckpt = ckpt.restore_best(state)
-  eval_state = best_ckpt[0] if best_ckpt is not None else state
-  if "test" in dataset.splits and len(dataset.split("test").labels):
-    test = evaluate_split(jax.device_put(eval_state, repl), dataset.split("test"), spec, config,
-                          eval_step, data_sharding, failures)
-    result_metrics["test"] = test
+  eval_state = jax.device_put(best_ckpt[0] if best_ckpt is not None else state, repl)
+  result_metrics, calibration = _final_evaluation(
+      eval_state, dataset, spec, config, workdir, eval_steps, tta_eval_steps, data_sharding,
+      failures, meta["best"]["val"] if meta["best"] else None)
+  if "test" in result_metrics:
+    test = result_metrics["test"]
     writer.write_scalars(step, {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-    log.info("test accuracy %.4f (best checkpoint, step %s)", test["accuracy"],
+    log.info("test accuracy %.4f (single view, best checkpoint, step %s)", test["accuracy"],
              meta["best"]["step"] if meta["best"] else step)
   if failures.items:
     dataset.report.setdefault("pipeline_decode_failures", failures.items)
@@ -310,8 +334,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   record.finish(final_status, metrics=result_metrics, best=meta["best"] and {
       k: meta["best"][k] for k in ("step", "epoch", "metric", "value")},
                 final_step=step, history=meta["history"],
-                last_train=meta.get("last_train"))
+                last_train=meta.get("last_train"), calibration=calibration)
   return record.data
+
+
+def _final_evaluation(state, dataset, spec, config, workdir, eval_steps, tta_eval_steps,
+                      data_sharding, failures, best_val):
+  """Temperature fit on val, then the test split: single view (the served model's figure), and
+  with flip TTA as an extra, labelled figure when train.tta_flip asks for it.
+  Returns (metrics for run.json, calibration record or None)."""
+  metrics: dict[str, Any] = {"val": best_val}
+  calibration = None
+  has = lambda name: name in dataset.splits and len(dataset.split(name).labels) > 0
+  if config.train.calibrate and has("val"):
+    from jaxclf import calibration as calib  # numpy + scipy only
+    val = evaluate_split(state, dataset.split("val"), spec, config, eval_steps, data_sharding,
+                         failures, with_logits=True)
+    calibration = calib.calibrate(val["logits"], val["labels"])
+    spec = dataclasses.replace(spec, temperature=float(calibration["temperature"]))
+    with open(os.path.join(workdir, "preprocessing.json"), "w") as f:
+      f.write(spec.to_json())
+  if has("test"):
+    test = evaluate_split(state, dataset.split("test"), spec, config, eval_steps, data_sharding,
+                          failures, with_logits=calibration is not None)
+    if calibration is not None:
+      logits, labels = test.pop("logits"), test.pop("labels")
+      calibration["test_ece_before"] = calib.ece(logits, labels)
+      calibration["test_ece_after"] = calib.ece(logits, labels, spec.temperature)
+    metrics["test"] = test
+    if config.train.tta_flip:
+      metrics["test_tta"] = {**evaluate_split(state, dataset.split("test"), spec, config,
+                                              tta_eval_steps, data_sharding, failures),
+                             "note": "flip TTA (mean of the image and its mirror); the exported "
+                                     "model serves a single view: see metrics.test"}
+  return metrics, calibration
 
 
 def _check_finite(m, step):

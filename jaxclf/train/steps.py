@@ -31,11 +31,15 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
   return loss
 
 
-def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key):
+def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
+               prepare=None):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
-  draws the same masks as an uninterrupted one."""
+  draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
+  batch into model input inside the step (on-device augmentation and normalisation)."""
   num_classes = class_weights.shape[0]
   rng = jax.random.fold_in(dropout_key, state.step)
+  if prepare is not None:
+    batch = prepare(batch, state.step)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -62,8 +66,10 @@ def predict_logits(state_or_vars, apply_fn, images, tta_flip=False):
   return logits
 
 
-def eval_step(state, batch, *, num_classes, tta_flip=False):
+def eval_step(state, batch, *, num_classes, tta_flip=False, prepare=None):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if prepare is not None:
+    batch = prepare(batch, state.step)
   logits = predict_logits(variables, state.apply_fn, batch["image"], tta_flip)
   loss = cross_entropy(logits, batch["label"], num_classes)
   # Padded examples (label -1) carry mask 0 and count for nothing.

@@ -5,7 +5,8 @@ onnxruntime backend).
 Input `images` float32 [N, H, W, C] (preprocessed). Outputs, each computed only when requested:
 `logits` [N, K], `probabilities` [N, K] (softmax), `top_scores` [N, k], `top_indices` int32 [N, k],
 `top_labels` BYTES [N, k]. Dynamic batching hands `execute` several requests: they are
-concatenated into one onnxruntime call and split back.
+concatenated into one onnxruntime call and split back. The graph's logits already include the
+run's temperature scaling (export bakes logits / T in), so `probabilities` is their plain softmax.
 
 Files in the version directory: model.onnx, labels.txt. Config parameters: top_k,
 intra_op_threads (0 = onnxruntime's default).

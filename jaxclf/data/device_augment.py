@@ -1,0 +1,99 @@
+"""Augmentation and normalisation of whole batches inside the jitted train step, for datasets whose
+decoded pixels sit in memory (Fashion-MNIST, small folders): the host only gathers uint8 rows.
+
+Why: on 2 cores, the per-example Python map of the Grain path (`transforms.augment`) keeps one
+core busy, which is half the machine the train step could use. Here the batch arrives as uint8
+NHWC and `prepare_batch` normalises and augments it on the device with keys
+`fold_in(key, step)`, so a resumed run draws exactly the same augmentations.
+
+The same `transforms.AugmentSpec` drives both paths. Supported here: translate (edge-padded
+random crop, as the host path), hflip, vflip, and small rotations (bilinear, edge fill; the host
+path fills with the border's median grey, so rotated pixels at the corners differ slightly).
+Other switches (random_resized_crop, colour jitter) need the per-example host path:
+`supports(aug)` says which applies. Normalisation is `transforms.normalize`'s arithmetic, so a
+batch without augmentation is bit-identical to the host path's.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxclf.data.transforms import AugmentSpec, PreprocessSpec
+
+_HOST_ONLY = ("random_resized_crop", "brightness", "contrast", "saturation")
+
+
+def supports(aug: AugmentSpec) -> bool:
+  return not any(getattr(aug, name) for name in _HOST_ONLY)
+
+
+def normalize(images, spec: PreprocessSpec):
+  """uint8 (or float pixel-valued) NHWC -> float32 model input, as `transforms.normalize`."""
+  mean = np.asarray(spec.mean, np.float32) * np.float32(255.0)
+  inv_std = np.float32(1.0) / (np.asarray(spec.std, np.float32) * np.float32(255.0))
+  return (images.astype(jnp.float32) - mean) * inv_std
+
+
+def _translate(images, key, pad: int):
+  n, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+  offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+  crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def _flip(images, key, axis: int):
+  flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+  return jnp.where(flip[:, None, None, None], jnp.flip(images, axis=axis), images)
+
+
+def _rotate(images, key, max_degrees: float):
+  """Bilinear rotation about the centre by a uniform angle in [-max, max], edge-clamped."""
+  n, h, w, _ = images.shape
+  theta = jnp.deg2rad(jax.random.uniform(key, (n,), minval=-max_degrees, maxval=max_degrees))
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+
+  def one(im, t):
+    c, s = jnp.cos(t), jnp.sin(t)
+    # Inverse map: where each output pixel comes from in the input.
+    sy = c * (yy - cy) - s * (xx - cx) + cy
+    sx = s * (yy - cy) + c * (xx - cx) + cx
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(im[..., ch], [sy, sx], order=1,
+                                                        mode="nearest")
+                      for ch in range(im.shape[-1])], axis=-1)
+
+  return jax.vmap(one)(images.astype(jnp.float32), theta)
+
+
+def augment(images, key, aug: AugmentSpec):
+  """Pixel-valued NHWC batch -> augmented batch, deterministic given `key`."""
+  k_translate, k_rotate, k_hflip, k_vflip = jax.random.split(key, 4)
+  x = images
+  if aug.translate:
+    x = _translate(x, k_translate, int(aug.translate))
+  if aug.rotation:
+    x = _rotate(x, k_rotate, float(aug.rotation))
+  if aug.hflip:
+    x = _flip(x, k_hflip, axis=2)
+  if aug.vflip:
+    x = _flip(x, k_vflip, axis=1)
+  return x
+
+
+def make_prepare_fn(spec: PreprocessSpec, aug: AugmentSpec | None, key):
+  """The `prepare(batch, step)` hook of `steps.train_step`: augment (keyed by fold_in(key, step))
+  and normalise a uint8 batch. `aug=None` normalises only (evaluation)."""
+  if aug is not None and not supports(aug):
+    raise ValueError(f"augmentations {[n for n in _HOST_ONLY if getattr(aug, n)]} run on the "
+                     "host only; set data.on_device=false")
+
+  def prepare(batch, step):
+    images = batch["image"]
+    if aug is not None:
+      images = augment(images, jax.random.fold_in(key, step), aug)
+    return {**batch, "image": normalize(images, spec)}
+
+  return prepare

@@ -1,0 +1,95 @@
+"""Where the trainer's batches come from, and what the jitted step does to them first.
+
+Two paths, chosen by `data.on_device` ('auto' picks the first whenever it applies):
+  in memory  the split's decoded uint8 pixels are one array at the model's input size: batches are
+             gathered by index (order from (seed, epoch)), shipped as uint8, and normalised and
+             augmented inside the jitted step (`device_augment.make_prepare_fn`). Resuming needs
+             only the step. On 2 cores this frees the core that the per-example host map used.
+  Grain      everything else (encoded files, ingested shards, host-only augmentations): per-epoch
+             Grain pipelines with per-example transforms, resumed from the iterator state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from jaxclf.data import device_augment, pipeline, transforms
+from jaxclf.data.dataset import DataError, Split
+
+
+def use_device_path(setting: str, split: Split, spec: transforms.PreprocessSpec,
+                    aug: transforms.AugmentSpec | None) -> bool:
+  setting = str(setting).lower()
+  fits = pipeline.in_memory_pixels(split, spec) is not None
+  supported = aug is None or device_augment.supports(aug)
+  if setting == "false":
+    return False
+  if setting == "true" and not (fits and supported):
+    why = ("its pixels are not one in-memory uint8 array at the model's input size" if not fits
+           else "augment.random_resized_crop/brightness/contrast/saturation run on the host only")
+    raise DataError(f"data.on_device=true: the train split cannot be augmented on the device: "
+                    f"{why}; use data.on_device=auto")
+  return fits and supported
+
+
+@dataclasses.dataclass
+class TrainInput:
+  split: Split
+  spec: transforms.PreprocessSpec
+  aug: transforms.AugmentSpec
+  batch_size: int
+  steps_per_epoch: int
+  seed: int
+  sampler: str
+  on_device: bool
+  grain_transform: Any = None  # pipeline.TrainTransform for the Grain path
+  read_threads: int = 1
+  prefetch: int = 8
+  worker_processes: int = 0
+
+  def prepare_fn(self, key) -> Callable | None:
+    """The step's `prepare` hook (device path), or None when batches arrive ready (Grain)."""
+    return device_augment.make_prepare_fn(self.spec, self.aug, key) if self.on_device else None
+
+  def epoch_batches(self, epoch: int, step: int, iter_state) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of `epoch` from global `step` on (mid-epoch resume)."""
+    if self.on_device:
+      labels = self.split.labels
+      order = pipeline.epoch_order(labels, epoch=epoch, seed=self.seed, sampler=self.sampler)
+      return pipeline.array_batches(pipeline.in_memory_pixels(self.split, self.spec),
+                                    np.asarray(labels), order, self.batch_size,
+                                    start=step - epoch * self.steps_per_epoch)
+    ds = pipeline.train_dataset(self.split, epoch=epoch, seed=self.seed,
+                                batch_size=self.batch_size, transform=self.grain_transform,
+                                sampler=self.sampler)
+    it = pipeline.to_iterator(ds, self.read_threads, self.prefetch, self.worker_processes)
+    if iter_state is not None:
+      it.set_state(iter_state)
+    return it
+
+  @staticmethod
+  def iterator_state(it) -> Any:
+    """What a checkpoint must keep to resume mid-epoch (None: the step says it all)."""
+    return it.get_state() if hasattr(it, "get_state") else None
+
+  def preview(self, batch, key, step) -> np.ndarray:
+    """uint8 images of a batch as the model sees them (for the TensorBoard grid)."""
+    if self.on_device:
+      x = device_augment.augment(batch["image"][:32], jax.random.fold_in(key, step), self.aug)
+      return np.clip(np.asarray(x) + 0.5, 0, 255).astype(np.uint8)
+    return transforms.denormalize(batch["image"][:32], self.spec)
+
+
+def eval_batches(split: Split, spec: transforms.PreprocessSpec, batch_size: int, *,
+                 on_device: bool, max_pixels: int, read_threads: int,
+                 failures=None) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of `split` once, in padded batches: uint8 (device path) or model input."""
+  if on_device:
+    return pipeline.array_eval_batches(pipeline.in_memory_pixels(split, spec),
+                                       np.asarray(split.labels), batch_size)
+  ds = pipeline.eval_dataset(split, batch_size=batch_size,
+                             transform=pipeline.EvalTransform(spec, max_pixels, failures))
+  return (pipeline.pad_batch(b, batch_size) for b in pipeline.to_iterator(ds, read_threads, 4))

@@ -1,0 +1,108 @@
+"""layers.Conv against nn.Conv: same parameters and names, same values and gradients for every
+gradient implementation (float32 rounding, scaled by the magnitude, so any CPU passes)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxclf.models import create_model
+from jaxclf.models.layers import CONV_IMPLS, Conv, conv2d, max_pool_2x2, resolve_conv_impl
+from jaxclf.ops import onednn
+
+IMPLS = ["matmul"] + (["onednn"] if onednn.available() else [])
+CASES = [  # (batch, size, cin, cout, kernel, strides, padding)
+    (4, 12, 8, 16, (3, 3), (1, 1), "SAME"),
+    (3, 9, 5, 7, (3, 3), (2, 2), "SAME"),
+    (2, 8, 6, 4, (1, 1), (2, 2), "SAME"),
+    (2, 11, 3, 8, (7, 7), (2, 2), ((3, 3), (3, 3))),
+    (2, 10, 4, 6, (3, 3), (1, 1), "VALID"),
+]
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}px-{c[2]}to{c[3]}-k{c[4][0]}s{c[5][0]}")
+def test_conv_equals_nn_conv_forward_and_gradients(impl, case):
+  b, size, cin, cout, k, strides, padding = case
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, size, size, cin)), jnp.float32)
+  ref_mod = nn.Conv(cout, k, strides, padding=padding, use_bias=True)
+  mod = Conv(cout, k, strides, padding=padding, use_bias=True, impl=impl)
+  variables = ref_mod.init(jax.random.key(1), x)
+  mine = mod.init(jax.random.key(1), x)
+  assert jax.tree.map(np.shape, mine) == jax.tree.map(np.shape, variables)
+  jax.tree.map(np.testing.assert_array_equal, mine, variables)  # same init, same names
+
+  def loss(m):
+    return lambda v, x: (m.apply(v, x) ** 2 * jnp.arange(cout)).sum()
+
+  y_ref, y = ref_mod.apply(variables, x), jax.jit(mod.apply)(variables, x)
+  assert rel_err(y, y_ref) < 1e-5
+  g_ref = jax.grad(loss(ref_mod), argnums=(0, 1))(variables, x)
+  g = jax.jit(jax.grad(loss(mod), argnums=(0, 1)))(variables, x)
+  for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    assert rel_err(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_are_deterministic(impl):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 14, 14, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)), jnp.float32)
+  f = jax.jit(jax.grad(lambda x, w: conv2d(x, w, impl=impl).sum() ** 2, argnums=(0, 1)))
+  a, b = f(x, w), f(x, w)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet_tiny", "vgg_tiny"])
+def test_models_keep_their_parameter_paths_and_values_whatever_the_conv_impl(name):
+  x = jnp.zeros((2, 28, 28, 1))
+  ref = create_model(name, 10).init(jax.random.key(0), x, train=False)
+  for impl in IMPLS:
+    v = create_model(name, 10, conv_impl=impl).init(jax.random.key(0), x, train=False)
+    jax.tree.map(np.testing.assert_array_equal, v, ref)
+
+
+def test_auto_resolves_to_a_real_impl_and_unknown_names_fail():
+  assert resolve_conv_impl("auto") in CONV_IMPLS[1:]
+  assert resolve_conv_impl("auto") == ("onednn" if onednn.available() else "matmul")
+  with pytest.raises(ValueError, match="conv impl"):
+    resolve_conv_impl("cudnn")
+
+
+def test_max_pool_2x2_equals_nn_max_pool():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 9, 3)), jnp.float32)
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, window_shape=(2, 2), strides=(2, 2)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_equals_flax_batchnorm_values_gradients_and_running_stats(train):
+  from jaxclf.models.layers import BatchNorm
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 6, 6, 5)) * 3 + 1, jnp.float32)
+  proj = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  mine = BatchNorm(use_running_average=not train)
+  init = ref.init(jax.random.key(0), x)
+  jax.tree.map(np.testing.assert_array_equal, mine.init(jax.random.key(0), x), init)
+  v = {"params": {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)},
+       "batch_stats": {"mean": jnp.full(5, 0.3), "var": jnp.full(5, 2.0)}}
+
+  def run(m):
+    def f(v, x):
+      out = m.apply(v, x, mutable=["batch_stats"]) if train else (m.apply(v, x), {})
+      return (jnp.tanh(out[0]) * proj).sum(), out[1]
+    return f
+
+  (l_ref, s_ref), g_ref = jax.value_and_grad(run(ref), argnums=(0, 1), has_aux=True)(v, x)
+  (l, s), g = jax.jit(jax.value_and_grad(run(mine), argnums=(0, 1), has_aux=True))(v, x)
+  assert rel_err(l, l_ref) < 1e-5
+  for a, r in zip(jax.tree.leaves((g, s)), jax.tree.leaves((g_ref, s_ref))):
+    assert np.abs(np.asarray(a) - np.asarray(r)).max() <= 1e-5 * max(np.abs(np.asarray(r)).max(), 1.0)
