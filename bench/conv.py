@@ -197,21 +197,7 @@ def step_torch(steps: int, batch: int) -> dict:
   import torch_models
   torch.set_num_threads(os.cpu_count() or 2)
   model = torch_models.CNN().to(memory_format=torch.channels_last)
-  decay = [p for p in model.parameters() if p.ndim > 1]
-  no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
-                         {"params": no_decay, "weight_decay": 0}], lr=0.05, momentum=0.9,
-                        nesterov=True)
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-  x = torch.randn(batch, 1, 28, 28).to(memory_format=torch.channels_last)
-  y = torch.randint(0, 10, (batch,))
-
-  def one():
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss
+  one = torch_models.sgd_train_step(model, batch)
 
   for _ in range(3):
     one()

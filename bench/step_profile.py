@@ -19,7 +19,6 @@ Prints JSON (ms per call and share of `step`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _common import emit  # noqa: E402
 from jaxclf.config import load_config  # noqa: E402
 from jaxclf.data import device_augment, transforms  # noqa: E402
 from jaxclf.models import create_model  # noqa: E402
@@ -150,12 +150,7 @@ def main():
          "share_of_step": {k: round(v / rows["step"], 3) for k, v in rows.items()},
          "images_per_sec": {k: round(batch / v * 1000, 1) for k, v in rows.items()
                             if k.startswith("step")}}
-  text = json.dumps(out, indent=2)
-  print(text)
-  if a.out:
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(text)
+  emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,25 @@ class ResNet18(nn.Module):
 
   def forward(self, x):
     return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def sgd_train_step(model, batch, size=28, in_ch=1):
+  """One-call PyTorch train step on a synthetic batch with configs/cnn.py's optimizer and loss
+  (SGD-Nesterov, weight decay off BN and biases, label smoothing 0.1): the benches' baseline."""
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  no_decay = [p for p in model.parameters() if p.ndim <= 1]
+  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
+                         {"params": no_decay, "weight_decay": 0}], lr=0.05, momentum=0.9,
+                        nesterov=True)
+  loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+  x = torch.randn(batch, in_ch, size, size).to(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch,))
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+  return one

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _common import emit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -97,19 +99,7 @@ def run_torch(case: str, steps: int, warmup: int) -> dict:
   torch.set_num_threads(os.cpu_count() or 2)
   _, _, (ctor, kw), batch = CASES[case]
   model = getattr(torch_models, ctor)(**kw).to(memory_format=torch.channels_last)
-  decay = [p for p in model.parameters() if p.ndim > 1]
-  no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
-                        lr=0.05, momentum=0.9, nesterov=True)
-  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-  x = torch.randn(batch, 1, 28, 28).to(memory_format=torch.channels_last)
-  y = torch.randint(0, 10, (batch,))
-
-  def one():
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
-    loss.backward()
-    opt.step()
+  one = torch_models.sgd_train_step(model, batch)
 
   t = time.time()
   one()
@@ -185,12 +175,7 @@ def main():
           round(ratio, 3) if ratio else None)
     results["cases"][case] = entry
   results["load_avg_end"] = os.getloadavg()
-  text = json.dumps(results, indent=2)
-  print(text)
-  if a.out:
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-      f.write(text)
+  emit(results, a.out)
 
 
 if __name__ == "__main__":
