@@ -23,7 +23,9 @@ SRC = "jaxclf/ops/onednn_conv.cc"
 
 def _prefixes() -> list[str]:
   out = []
-  for p in (os.environ.get("ONEDNN_ROOT"), sys.prefix, sys.base_prefix, "/usr/local", "/usr"):
+  # The environment's own prefix (where the onednn wheels install), or ONEDNN_ROOT for a
+  # oneDNN 3.x installed elsewhere.
+  for p in (os.environ.get("ONEDNN_ROOT"), sys.prefix, sys.base_prefix):
     if p and p not in out:
       out.append(p)
   return out

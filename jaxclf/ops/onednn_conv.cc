@@ -152,12 +152,7 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
     plan->in1 = {DNNL_ARG_WEIGHTS, wei_user, pd.weights_desc()};
     plan->out = {DNNL_ARG_DST, dst_user, pd.dst_desc()};
     plan->impl = pd.impl_info_str();
-    FinishSlot(plan->in0, false, ws, plan->serial);
-    FinishSlot(plan->in1, false, ws, plan->serial);
-    FinishSlot(plan->out, true, ws, plan->serial);
     plan->scratch_md = pd.scratchpad_desc();
-    plan->scratch_offset = ws;
-    ws += AlignUp(plan->scratch_md.get_size());
   } else {
     dnnl::convolution_forward::primitive_desc hint(eng, dnnl::prop_kind::forward_training, alg,
                                                    src_any, wei_any, dst_any, strides, dil,
@@ -170,12 +165,7 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
       plan->in1 = {DNNL_ARG_WEIGHTS, wei_user, pd.weights_desc()};
       plan->out = {DNNL_ARG_DIFF_SRC, src_user, pd.diff_src_desc()};
       plan->impl = pd.impl_info_str();
-      FinishSlot(plan->in0, false, ws, plan->serial);
-      FinishSlot(plan->in1, false, ws, plan->serial);
-      FinishSlot(plan->out, true, ws, plan->serial);
       plan->scratch_md = pd.scratchpad_desc();
-      plan->scratch_offset = ws;
-      ws += AlignUp(plan->scratch_md.get_size());
     } else {
       dnnl::convolution_backward_weights::primitive_desc pd(eng, alg, src_any, wei_any, dst_any,
                                                             strides, dil, pad_l, pad_r, hint,
@@ -185,14 +175,15 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
       plan->in1 = {DNNL_ARG_DIFF_DST, dst_user, pd.diff_dst_desc()};
       plan->out = {DNNL_ARG_DIFF_WEIGHTS, wei_user, pd.diff_weights_desc()};
       plan->impl = pd.impl_info_str();
-      FinishSlot(plan->in0, false, ws, plan->serial);
-      FinishSlot(plan->in1, false, ws, plan->serial);
-      FinishSlot(plan->out, true, ws, plan->serial);
       plan->scratch_md = pd.scratchpad_desc();
-      plan->scratch_offset = ws;
-      ws += AlignUp(plan->scratch_md.get_size());
     }
   }
+  // One workspace: the three reorder slots, then the primitive's scratchpad.
+  FinishSlot(plan->in0, false, ws, plan->serial);
+  FinishSlot(plan->in1, false, ws, plan->serial);
+  FinishSlot(plan->out, true, ws, plan->serial);
+  plan->scratch_offset = ws;
+  ws += AlignUp(plan->scratch_md.get_size());
   plan->ws_bytes = ws;
   return plan;
 }
