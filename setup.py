@@ -1,4 +1,4 @@
-"""Builds the optional oneDNN convolution extension, jaxclf/ops/_onednn_conv*.so (see
+"""Builds the optional oneDNN extension (convolution, batch norm, max pool), jaxclf/ops/_onednn_conv*.so (see
 jaxclf/ops/onednn.py). Everything else about the package is in pyproject.toml.
 
 The extension needs oneDNN's headers and library (PyPI `onednn-devel-cpu-gomp` / `onednn-cpu-gomp`,
@@ -18,7 +18,7 @@ import sysconfig
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SRC = "jaxclf/ops/onednn_conv.cc"
+SOURCES = ["jaxclf/ops/onednn_conv.cc", "jaxclf/ops/onednn_norm_pool.cc"]
 
 
 def _prefixes() -> list[str]:
@@ -100,10 +100,10 @@ class OptionalBuildExt(build_ext):
 
 ext = Extension(
     "jaxclf.ops._onednn_conv",
-    sources=[SRC],
+    sources=SOURCES,
     language="c++",
     extra_compile_args=["-std=c++17", "-O2", "-w"],
-    depends=["setup.py"],
+    depends=["setup.py", "jaxclf/ops/onednn_common.h"],
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})

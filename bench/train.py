@@ -5,6 +5,8 @@ side by side in one invocation. Prints JSON.
   .venv/bin/python bench/train.py --repeats 3 --steps 30 --out bench/results/train.json
   .venv/bin/python bench/train.py --case cnn_anchor --conv-impl xla --conv-impl matmul --conv-impl onednn
                                                   # the conv levers, each beside PyTorch, one run
+  .venv/bin/python bench/train.py --case cnn_default --conv-impl onednn_conv_only --conv-impl onednn
+                                                  # BatchNorm + pooling on oneDNN, before / after
 
 Each measurement runs in its own subprocess (no thread pools shared between frameworks), on
 synthetic data of the real shape, after warm-up (compilation excluded), with the optimizer and
@@ -115,10 +117,15 @@ def run_torch(case: str, steps: int, warmup: int) -> dict:
           "torch": torch.__version__}
 
 
+# Lever sets besides the conv impls: name -> (conv impl, extra env of the child).
+LEVER_SETS = {"onednn_conv_only": ("onednn", {"JAXCLF_ONEDNN_NORM_POOL": "0"})}
+
+
 def _child(framework, case, steps, warmup, conv_impl="auto") -> dict:
+  impl, env = LEVER_SETS.get(conv_impl, (conv_impl, {}))
   out = subprocess.run([sys.executable, __file__, "--child", framework, "--case", case,
-                        "--steps", str(steps), "--warmup", str(warmup), "--conv-impl", conv_impl],
-                       capture_output=True, text=True, cwd=ROOT)
+                        "--steps", str(steps), "--warmup", str(warmup), "--conv-impl", impl],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
   if out.returncode != 0:
     return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,6 +180,12 @@ def main():
       entry[key] = j
       entry["jax_over_torch" if len(impls) == 1 else f"jax_over_torch[{impl}]"] = (
           round(ratio, 3) if ratio else None)
+      # Each repeat's jax run beside the torch run right after it (the same minute's load).
+      pairs = [jr["images_per_sec"] / tr["images_per_sec"]
+               for jr, tr in zip(jax_runs[impl], torch_runs)
+               if "images_per_sec" in jr and "images_per_sec" in tr]
+      entry["pairwise_ratios" if len(impls) == 1 else f"pairwise_ratios[{impl}]"] = [
+          round(r, 3) for r in pairs]
     results["cases"][case] = entry
   results["load_avg_end"] = os.getloadavg()
   emit(results, a.out)

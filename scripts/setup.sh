@@ -4,7 +4,7 @@
 #     otherwise the loader downloads and sha256-verifies the official files on first use;
 #   - .venv/ at the repo root: the training/evaluation/export environment (numpy 2), exact pins
 #     from requirements/lock.txt, and jaxclf itself (editable), with its oneDNN convolution
-#     extension (jaxclf/ops/onednn_conv.cc -> _onednn_conv*.so, built by setup.py against the
+#     extension (jaxclf/ops/onednn_*.cc -> _onednn_conv*.so: conv, BatchNorm, max pool; built by setup.py against the
 #     onednn-*-cpu-gomp wheels; jaxclf falls back to XLA's conv if it cannot be built);
 #   - with --serving: .venv-serve/, Triton's environment (numpy<2), via scripts/setup_serving_env.sh;
 #   - with --bench: torch 2.13.0 CPU in .venv, for the side-by-side baselines in bench/ only.
@@ -45,7 +45,7 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 REQS="-r requirements/lock.txt"
 [ "$BENCH" = 1 ] && REQS="$REQS -r requirements/bench.txt"
 # The stamp covers the extension's sources too, so a changed .cc is rebuilt on rerunning setup.
-stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml setup.py jaxclf/ops/onednn_conv.cc | sha256sum | cut -c1-16)-$BENCH"
+stamp=".venv/.jaxclf-reqs-$(cat requirements/*.txt pyproject.toml setup.py jaxclf/ops/onednn_*.cc jaxclf/ops/onednn_common.h | sha256sum | cut -c1-16)-$BENCH"
 if [ ! -f "$stamp" ]; then
   echo "== pip install (pinned)"
   # shellcheck disable=SC2086

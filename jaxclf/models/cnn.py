@@ -21,22 +21,22 @@ class CNN(nn.Module):
   dropout: float = 0.2
   global_pool: str = "flatten"  # 'flatten' | 'avg'
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"  # gradient path of the 3x3 convs (layers.Conv); the trainer picks it
+  conv_impl: str = "xla"  # CPU kernels of conv, BN and pool (layers.py); the trainer picks it
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=self.dtype)
+                   dtype=self.dtype, relu=True, impl=self.conv_impl)
     x = x.astype(self.dtype)
     for i, spec in enumerate(self.layers):
       if spec == "M":
-        x = max_pool_2x2(x)
+        x = max_pool_2x2(x, self.conv_impl)
       else:
         if i == 0 and x.shape[-1] <= 4:  # few input channels: patches @ kernel is faster on CPU
           x = StemConv(int(spec), dtype=self.dtype, impl=self.conv_impl)(x)
         else:
           x = Conv(int(spec), (3, 3), use_bias=False, dtype=self.dtype, impl=self.conv_impl)(x)
-        x = nn.relu(norm()(x))
+        x = norm()(x)  # conv-BN-ReLU
     x = x.mean(axis=(1, 2)) if self.global_pool == "avg" else x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))

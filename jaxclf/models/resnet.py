@@ -66,13 +66,13 @@ class ResNet(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   act: Callable = nn.relu
-  conv_impl: str = "xla"  # gradient path of the convs (layers.Conv); the trainer picks it
+  conv_impl: str = "xla"  # CPU kernels of conv and BN (layers.py); the trainer picks it
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = partial(Conv, use_bias=False, dtype=self.dtype, impl=self.conv_impl)
     norm = partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=self.dtype)
+                   dtype=self.dtype, impl=self.conv_impl)
     x = x.astype(self.dtype)
     if self.stem == "imagenet":
       x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)

@@ -22,21 +22,21 @@ class VGG(nn.Module):
   width: float = 1.0  # multiplies every conv width
   dropout: float = 0.5
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"  # gradient path of the convs (layers.Conv); the trainer picks it
+  conv_impl: str = "xla"  # CPU kernels of conv, BN and pool (layers.py); the trainer picks it
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=self.dtype)
+                   dtype=self.dtype, relu=True, impl=self.conv_impl)
     x = x.astype(self.dtype)
     for spec in self.layers:
       if spec == "M":
         if min(x.shape[1:3]) >= 2:
-          x = max_pool_2x2(x)  # = nn.max_pool 2x2/2 VALID, with a cheaper gradient on CPU
+          x = max_pool_2x2(x, self.conv_impl)  # = nn.max_pool 2x2/2 VALID, faster on CPU
       else:
         x = Conv(max(1, int(spec * self.width)), (3, 3), use_bias=False, dtype=self.dtype,
                  impl=self.conv_impl)(x)
-        x = nn.relu(norm()(x))
+        x = norm()(x)  # conv-BN-ReLU
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -78,13 +78,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["available", "conv2d", "load_error"]
+__all__ = ["available", "batch_norm_train", "conv2d", "load_error", "max_pool"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TARGETS = {"fwd": "jaxclf_onednn_conv_fwd", "bwd_data": "jaxclf_onednn_conv_bwd_data",
-            "bwd_weights": "jaxclf_onednn_conv_bwd_weights"}
+            "bwd_weights": "jaxclf_onednn_conv_bwd_weights", "bn_fwd": "jaxclf_onednn_bn_fwd",
+            "bn_bwd": "jaxclf_onednn_bn_bwd", "pool_fwd": "jaxclf_onednn_pool_fwd",
+            "pool_bwd": "jaxclf_onednn_pool_bwd"}
 _SYMBOLS = {"fwd": "JaxclfOnednnConvFwd", "bwd_data": "JaxclfOnednnConvBwdData",
-            "bwd_weights": "JaxclfOnednnConvBwdWeights"}
+            "bwd_weights": "JaxclfOnednnConvBwdWeights", "bn_fwd": "JaxclfOnednnBnFwd",
+            "bn_bwd": "JaxclfOnednnBnBwd", "pool_fwd": "JaxclfOnednnPoolFwd",
+            "pool_bwd": "JaxclfOnednnPoolBwd"}
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 # Measured choices (bench/conv.py, module docstring); the env variables are for benchmarking.
@@ -136,6 +140,11 @@ def _load():
                                     platform="cpu")
       lib.jaxclf_onednn_set_serialize.argtypes = [ctypes.c_int]
       lib.jaxclf_onednn_set_num_threads.argtypes = [ctypes.c_int]
+      lib.jaxclf_onednn_bn_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float,
+                                                                            ctypes.c_int]
+      lib.jaxclf_onednn_bn_workspace_bytes.restype = ctypes.c_int64
+      lib.jaxclf_onednn_pool_workspace_bytes.argtypes = [ctypes.c_int64] * 8
+      lib.jaxclf_onednn_pool_workspace_bytes.restype = ctypes.c_int64
       lib.jaxclf_onednn_impl.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
                                          ctypes.c_char_p, ctypes.c_int]
       threads = int(os.environ.get("JAXCLF_ONEDNN_THREADS", "0") or 0)
@@ -278,3 +287,125 @@ def impl_info(kind: str, x_shape, k_shape, strides=(1, 1), padding="SAME") -> st
   buf = ctypes.create_string_buffer(256)
   lib.jaxclf_onednn_impl({"fwd": 0, "bwd_data": 1, "bwd_weights": 2}[kind], arr, buf, 256)
   return buf.value.decode()
+
+
+# ----------------------------------------------------------------------------- batch norm, pool
+# The rest of a conv-BN-ReLU-pool step on oneDNN too (onednn_norm_pool.cc): XLA CPU's loop
+# fusions for BatchNorm's statistics and max pool's gradient are single-pass but poorly
+# vectorised, and together they measured ~45% of the anchor CNN's step after the conv levers
+# (bench/step_profile.py). Same maths as layers.BatchNorm / layers.max_pool_2x2.
+# JAXCLF_ONEDNN_NORM_POOL=0 keeps BN and pooling in XLA (bench/train.py's `onednn_conv_only`).
+_NORM_POOL = os.environ.get("JAXCLF_ONEDNN_NORM_POOL", "1") != "0"
+
+
+def norm_pool_available() -> bool:
+  """True when BatchNorm and max pooling may run on oneDNN (extension built, not disabled)."""
+  return _NORM_POOL and available()
+
+def _workspace(kind: str, *args) -> int:
+  lib = _load()
+  if lib is None:
+    raise RuntimeError(f"jaxclf.ops.onednn is unavailable: {_error}")
+  fn = {"bn": lib.jaxclf_onednn_bn_workspace_bytes,
+        "pool": lib.jaxclf_onednn_pool_workspace_bytes}[kind]
+  n = int(fn(*args))
+  if n < 0:
+    raise RuntimeError(f"oneDNN cannot make a {kind} primitive for {args}")
+  return max(n, 1)
+
+
+def _bn_call(x, scale, shift, epsilon, relu):
+  n, h, w, c = x.shape
+  ws = _workspace("bn", n, h, w, c, float(epsilon), int(relu))
+  stat = jax.ShapeDtypeStruct((c,), jnp.float32)
+  return jax.ffi.ffi_call(
+      _TARGETS["bn_fwd"], (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat,
+                           jax.ShapeDtypeStruct((ws,), jnp.uint8)),
+      vmap_method="sequential")(x, scale, shift, eps=np.float32(epsilon), relu=np.int64(relu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn(x, scale, shift, epsilon, relu):
+  y, mean, var, _ = _bn_call(x, scale, shift, epsilon, relu)
+  return y, mean, var
+
+
+def _bn_fwd(x, scale, shift, epsilon, relu):
+  y, mean, var, ws = _bn_call(x, scale, shift, epsilon, relu)
+  return (y, mean, var), (x, scale, mean, var, ws)
+
+
+def _bn_bwd(epsilon, relu, res, cotangents):
+  # mean and var feed only the running averages, not the loss: their cotangents are dropped.
+  x, scale, mean, var, ws = res
+  dy = cotangents[0].astype(jnp.float32)
+  stat = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  dx, dscale, dshift = jax.ffi.ffi_call(
+      _TARGETS["bn_bwd"], (jax.ShapeDtypeStruct(x.shape, jnp.float32), stat, stat),
+      vmap_method="sequential")(x, dy, scale, mean, var, ws, eps=np.float32(epsilon),
+                                relu=np.int64(relu))
+  return dx, dscale, dshift
+
+
+_bn.defvjp(_bn_fwd, _bn_bwd)
+
+
+def batch_norm_train(x, scale, shift, *, epsilon: float = 1e-5, relu: bool = False):
+  """Training-mode batch norm over the last axis of NHWC float32 `x`:
+  y = (x - mean) / sqrt(var + epsilon) * scale + shift, then ReLU when `relu` (fused: the
+  backward reads a 1-bit mask instead of the output). Returns (y, mean, var), with mean and the
+  biased variance of the batch (what flax's BatchNorm feeds its running averages).
+  Differentiable in x, scale and shift. Requires `available()`."""
+  if x.ndim != 4 or x.dtype != jnp.float32:
+    raise ValueError(f"batch_norm_train: need NHWC float32, got {x.shape} {x.dtype}")
+  return _bn(x, scale.astype(jnp.float32), shift.astype(jnp.float32), float(epsilon), bool(relu))
+
+
+def _pool_call(x, window, strides):
+  n, h, w, c = x.shape
+  (kh, kw), (sh, sw) = window, strides
+  ws = _workspace("pool", n, h, w, c, kh, kw, sh, sw)
+  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+  return jax.ffi.ffi_call(
+      _TARGETS["pool_fwd"], (jax.ShapeDtypeStruct((n, oh, ow, c), jnp.float32),
+                             jax.ShapeDtypeStruct((ws,), jnp.uint8)),
+      vmap_method="sequential")(x, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh),
+                                sw=np.int64(sw))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pool(x, window, strides):
+  return _pool_call(x, window, strides)[0]
+
+
+def _pool_fwd(x, window, strides):
+  y, ws = _pool_call(x, window, strides)
+  return y, (ws, x.shape)
+
+
+def _pool_bwd(window, strides, res, dy):
+  ws, shape = res
+  (kh, kw), (sh, sw) = window, strides
+  dx = jax.ffi.ffi_call(_TARGETS["pool_bwd"], jax.ShapeDtypeStruct(shape, jnp.float32),
+                        vmap_method="sequential")(dy.astype(jnp.float32), ws, kh=np.int64(kh),
+                                                  kw=np.int64(kw), sh=np.int64(sh),
+                                                  sw=np.int64(sw))
+  return (dx,)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def max_pool(x, window=(2, 2), strides=(2, 2)):
+  """Max pool of NHWC float32 `x` with VALID padding (trailing rows and columns that fill no
+  window are dropped, as `nn.max_pool(..., padding='VALID')` does). The gradient goes to each
+  window's first maximum. Requires `available()`."""
+  if x.ndim != 4 or x.dtype != jnp.float32:
+    raise ValueError(f"max_pool: need NHWC float32, got {x.shape} {x.dtype}")
+  window, strides = tuple(int(v) for v in window), tuple(int(v) for v in strides)
+  _, h, w, _ = x.shape
+  hc = (h - window[0]) // strides[0] * strides[0] + window[0]
+  wc = (w - window[1]) // strides[1] * strides[1] + window[1]
+  if (hc, wc) != (h, w):
+    x = x[:, :hc, :wc]  # the primitive wants exact windows; autodiff pads the gradient back
+  return _pool(x, window, strides)

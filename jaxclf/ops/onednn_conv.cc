@@ -31,6 +31,7 @@
 #include <unordered_map>
 
 #include "dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,21 +40,8 @@ namespace {
 
 enum Kind : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-struct Key {
-  int64_t v[17];
-  bool operator==(const Key& o) const { return std::memcmp(v, o.v, sizeof(v)) == 0; }
-};
-
-struct KeyHash {
-  size_t operator()(const Key& k) const {
-    uint64_t h = 1469598103934665603ull;
-    for (int64_t x : k.v) {
-      h ^= static_cast<uint64_t>(x);
-      h *= 1099511628211ull;
-    }
-    return static_cast<size_t>(h);
-  }
-};
+using Key = jaxclf_onednn::Int64Key<17>;
+using KeyHash = jaxclf_onednn::Int64KeyHash;
 
 // One tensor the primitive touches: its oneDNN argument id, the user's (XLA's) layout and the
 // layout the primitive wants. When they differ, a reorder goes through a workspace slice.
@@ -75,36 +63,12 @@ struct Plan {
   std::string impl;
 };
 
-dnnl::engine& Engine() {
-  static dnnl::engine* eng = new dnnl::engine(dnnl::engine::kind::cpu, 0);
-  return *eng;
-}
+using jaxclf_onednn::AlignUp;
+using jaxclf_onednn::Engine;
 
 std::mutex g_cache_mu;
 std::unordered_map<Key, std::shared_ptr<Plan>, KeyHash>* g_cache =
     new std::unordered_map<Key, std::shared_ptr<Plan>, KeyHash>();
-std::mutex g_exec_mu;
-int g_serialize = 1;
-int g_num_threads = 0;  // 0: leave OpenMP's default
-
-size_t AlignUp(size_t n) { return (n + 63) & ~size_t{63}; }
-
-// Per-thread workspace (reorder buffers + scratchpad), grown on demand, 64-byte aligned.
-struct Workspace {
-  void* p = nullptr;
-  size_t n = 0;
-  ~Workspace() { std::free(p); }
-  char* Get(size_t bytes) {
-    if (bytes > n) {
-      std::free(p);
-      n = AlignUp(bytes);
-      p = std::aligned_alloc(64, n);
-      if (!p) n = 0;
-    }
-    return static_cast<char*>(p);
-  }
-};
-thread_local Workspace t_ws;
 
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
@@ -199,8 +163,7 @@ std::shared_ptr<Plan> GetPlan(const Key& k) {
 
 void Execute(const Plan& plan, void* in0, void* in1, void* out) {
   auto& eng = Engine();
-  char* ws = t_ws.Get(plan.ws_bytes ? plan.ws_bytes : 64);
-  if (!ws) throw std::bad_alloc();
+  char* ws = jaxclf_onednn::ThreadWorkspace().Get(plan.ws_bytes);
   dnnl::stream strm(eng);
   std::unordered_map<int, dnnl::memory> args;
   void* user_ptrs[3] = {in0, in1, out};
@@ -257,9 +220,7 @@ ffi::Error Run(int kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   const Key key{{kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, act_any}};
   try {
     auto plan = GetPlan(key);
-    std::unique_lock<std::mutex> lock(g_exec_mu, std::defer_lock);
-    if (g_serialize || plan->serial) lock.lock();
-    if (g_num_threads > 0) omp_set_num_threads(g_num_threads);
+    jaxclf_onednn::ExecGuard guard(plan->serial);
     Execute(*plan, a.untyped_data(), b.untyped_data(), out->untyped_data());
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn_conv: oneDNN error: ") + e.what());
@@ -307,9 +268,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxclfOnednnConvBwdWeights, BwdWeights, JAXCLF_CON
 extern "C" {
 
 // 1: serialise oneDNN calls (default); 0: let XLA's threads run them concurrently.
-void jaxclf_onednn_set_serialize(int on) { g_serialize = on; }
+void jaxclf_onednn_set_serialize(int on) { jaxclf_onednn::Serialize() = on; }
 // > 0: each call runs oneDNN with this many OpenMP threads; 0: OpenMP's default.
-void jaxclf_onednn_set_num_threads(int n) { g_num_threads = n; }
+void jaxclf_onednn_set_num_threads(int n) { jaxclf_onednn::NumThreads() = n; }
 int jaxclf_onednn_cache_size() {
   std::lock_guard<std::mutex> lock(g_cache_mu);
   return static_cast<int>(g_cache->size());
