@@ -179,7 +179,9 @@ def test_jax2onnx_transpose_pass_workaround_is_still_needed(fmnist, monkeypatch)
   import onnxruntime
 
   import jaxclf.models.resnet
-  monkeypatch.setattr(jaxclf.models.resnet, "BatchNorm", nn.BatchNorm)
+  # (`impl` picks layers.BatchNorm's CPU kernels; nn.BatchNorm has no such field)
+  monkeypatch.setattr(jaxclf.models.resnet, "BatchNorm",
+                      lambda *args, impl=None, **kwargs: nn.BatchNorm(*args, **kwargs))
   from jax2onnx.converter import ir_optimizations as iro
 
   from jaxclf.export.onnx import (BROKEN_JAX2ONNX_PASSES, check_parity, convert_to_onnx,
