@@ -70,3 +70,54 @@ def test_custom_model_by_import_path_validates():
 def test_missing_config_file():
   with pytest.raises(ConfigError, match="does not exist"):
     load_config("configs/nope.py", environ={})
+
+
+def test_name_registries_match_the_implementations():
+  """config/names.py lists what the trainer and the model registry implement, argument for argument."""
+  import dataclasses
+  from jaxclf.config.names import MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES
+  from jaxclf.models.registry import model_names, resolve_model
+  from jaxclf.train.optimizers import OPTIMIZERS
+  from jaxclf.train.schedules import SCHEDULES
+  assert sorted(OPTIMIZERS) == sorted(OPTIMIZER_NAMES)
+  assert sorted(SCHEDULES) == sorted(SCHEDULE_NAMES)
+  assert sorted(model_names()) == sorted(MODEL_ARGS)
+  for name in model_names():
+    cls = getattr(resolve_model(name), "func", resolve_model(name))
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
+    assert fields == set(MODEL_ARGS[name]), name
+
+
+def test_config_is_a_foundation():
+  """Validating a config imports neither the trainer nor jaxclf's model constructors."""
+  import subprocess
+  import sys
+  code = ("import sys; from jaxclf.config import load_config; "
+          "load_config('configs/cnn.py', ['model.name=resnet18', 'model.kwargs={}', 'optimizer.name=adam'], environ={}); "
+          "bad = [m for m in sys.modules if m.startswith(('jaxclf.train', 'jaxclf.models', 'flax', "
+          "'optax', 'jaxclf.sweeps'))]; print(bad); sys.exit(bool(bad))")
+  root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+  assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_one_cycle_cos_follows_pytorch_one_cycle_lr():
+  """anneal='cos' is PyTorch's OneCycleLR(max_lr, pct_start, div_factor=25, final_div_factor=1e4,
+  anneal_strategy='cos'): starts at peak/25, peaks after the warmup share, ends at peak/25/1e4,
+  and follows a half-cosine in between (values from its closed form)."""
+  import math
+  from jaxclf.config import default_config
+  from jaxclf.train.schedules import create_learning_rate_fn
+  c = default_config()
+  c.optimizer.learning_rate, c.schedule.name, c.schedule.anneal = 0.2, "one_cycle", "cos"
+  c.schedule.warmup_fraction = 0.25
+  lr = create_learning_rate_fn(c, 10, 1000)
+  initial, peak, final = 0.2 / 25, 0.2, 0.2 / 25 / 1e4
+  cos_mix = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+  assert abs(float(lr(0)) - initial) < 1e-7
+  assert abs(float(lr(250)) - peak) < 1e-6
+  assert abs(float(lr(125)) - cos_mix(initial, peak, 0.5)) < 1e-4
+  assert abs(float(lr(625)) - cos_mix(peak, final, 0.5)) < 1e-4
+  assert float(lr(1000)) < 1e-5
+  c.schedule.anneal = "linear"
+  assert abs(float(create_learning_rate_fn(c, 10, 1000)(125)) - (initial + peak) / 2) < 1e-4

@@ -7,9 +7,17 @@ from typing import Callable
 
 import optax
 
+from jaxclf.config.names import SCHEDULE_NAMES, check_table
+
 
 def _one_cycle(c, peak, total, spe):
-  # Linear up from peak/25 over the warmup share, then linear down to peak * final_fraction.
+  # Up from peak/25 over the warmup share, then down to peak * final_fraction: linearly, or
+  # ('cos') along half-cosines, which is PyTorch's OneCycleLR (anneal_strategy='cos', its
+  # default; with final_fraction 0 the end is PyTorch's peak / 25 / 1e4).
+  if c.get("anneal", "linear") == "cos":
+    final_div = 1e4 if c.final_fraction <= 0 else 1.0 / (25.0 * c.final_fraction)
+    return optax.cosine_onecycle_schedule(max(total, 2), peak, pct_start=c.warmup_fraction,
+                                          div_factor=25.0, final_div_factor=final_div)
   warm = max(int(c.warmup_fraction * total), 1)
   return optax.join_schedules(
       [optax.linear_schedule(peak / 25.0, peak, warm),
@@ -39,6 +47,7 @@ SCHEDULES: dict[str, Callable] = {
     "warmup_cosine": _warmup_cosine,
     "one_cycle": _one_cycle,
 }
+check_table("schedule", SCHEDULES, SCHEDULE_NAMES)
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
