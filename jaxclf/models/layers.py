@@ -23,6 +23,9 @@ stock Flax ones (measured in bench/train.py and bench/conv.py; on GPU they are n
   matmul per tap is 4x faster there and level elsewhere. Variants that measured slower: a single
   im2col matmul (the (B*H*W) x 9C buffer is memory-bound: 1011 ms), einsum per tap (1640 ms),
   K-chunked batched matmuls (1116 ms), per-row column concat (747 ms).
+- `BatchNorm(relu=..., impl=...)` and `max_pool_2x2(x, impl)`: with impl 'onednn' (what the
+  models pass from their `conv_impl`) the training pass runs oneDNN's batch-normalisation (ReLU
+  fused) and pooling primitives; bench/levers_ab.py measures them against the XLA forms below.
 - `max_pool_2x2`: a reshape + max. XLA CPU lowers `nn.max_pool`'s gradient to select-and-scatter,
   which measured ~0.2 s of a 0.9 s CNN step here; the reshape form's gradient is a cheap compare.
   Same result as `nn.max_pool(x, (2, 2), (2, 2))` with VALID padding (odd edges are dropped).

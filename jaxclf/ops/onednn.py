@@ -1,5 +1,6 @@
-"""2-D convolution whose gradients run on oneDNN, called from jitted JAX through `jax.ffi`.
-
+"""oneDNN kernels for the CPU train step, called from jitted JAX through `jax.ffi`: 2-D convolution
+(forward, backward-data, backward-weights), training-mode batch normalisation with an optional
+fused ReLU (forward + backward), and max pooling (forward + backward).
 Why: XLA CPU's convolution *gradients* are very slow (openxla/xla#34273); on the anchor CNN a
 train step costs ~18x the forward pass. PyTorch on CPU runs its convolutions on oneDNN. This
 module calls oneDNN's convolution forward, backward-data and backward-weights primitives from a
@@ -8,6 +9,8 @@ install, see setup.py) and makes them differentiable with `jax.custom_vjp`.
 
   from jaxclf.ops import onednn
   y = onednn.conv2d(x, kernel, strides=(1, 1), padding="SAME")   # NHWC x, HWIO kernel, float32
+  y, mean, var = onednn.batch_norm_train(x, scale, shift, relu=True)  # relu(bn(x)), batch stats
+  y = onednn.max_pool(x, (2, 2), (2, 2))                           # VALID, odd edges dropped
 
 Same result as `jax.lax.conv_general_dilated(x, kernel, strides, padding,
 dimension_numbers=("NHWC", "HWIO", "NHWC"))` to float32 rounding, forward and gradients
