@@ -16,6 +16,7 @@ c=1 <= 5 ms; >= 1,500 images/s at c=16 with micro-batching.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -216,14 +217,33 @@ def baseline_in_process(export_dir: Path, png: bytes, n: int) -> dict:
           "ort_batch16_images_per_s": round(b16, 1)}
 
 
-def triton_phase(export_dir: Path, lua: Path, duration: float, tmp: Path) -> dict:
-  serve_py = REPO / ".venv-serve" / "bin" / "python"
-  if not serve_py.exists():
-    return {"skipped": "no serving venv: run scripts/setup_serving_env.sh"}
+SERVE_VENV_PY = REPO / ".venv-serve" / "bin" / "python"
+NO_SERVING_VENV = {"skipped": "no serving venv: run scripts/setup_serving_env.sh"}
+
+
+@contextlib.contextmanager
+def triton_for(export_dir: Path, tmp: Path):
+  """tritonserver serving `export_dir` as fashion v1 (the gateway then runs in SERVE_VENV_PY)."""
   from jaxclf.export.triton import TritonServer, write_model_repository
   repo = tmp / "model_repository"
   write_model_repository(str(export_dir), str(repo), "fashion", 1)
   with TritonServer(str(repo), log_path=str(tmp / "triton.log")) as triton:
+    yield triton
+
+
+def prepare(args, prog: str, tmp: Path) -> Path | None:
+  """The export to serve (built when --model-path is not given); None when wrk is missing."""
+  if shutil.which("wrk") is None:
+    print(f"{prog} needs wrk: apt-get install wrk", file=sys.stderr)
+    return None
+  return Path(args.model_path) if args.model_path else make_export(args.arch, tmp / "export")
+
+
+def triton_phase(export_dir: Path, lua: Path, duration: float, tmp: Path) -> dict:
+  if not SERVE_VENV_PY.exists():
+    return NO_SERVING_VENV
+  serve_py = SERVE_VENV_PY
+  with triton_for(export_dir, tmp) as triton:
     out = {}
     for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
       out[protocol] = measure_gateway(
@@ -244,12 +264,11 @@ def main(argv=None) -> int:
   p.add_argument("--request-log", action="store_true", help="keep JSON request logs on")
   p.add_argument("--out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
-  if shutil.which("wrk") is None:
-    print("bench/serve.py needs wrk: apt-get install wrk", file=sys.stderr)
-    return 2
   tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
   try:
-    export_dir = Path(args.model_path) if args.model_path else make_export(args.arch, tmp / "export")
+    export_dir = prepare(args, "bench/serve.py", tmp)
+    if export_dir is None:
+      return 2
     png = sample_png()
     lua = tmp / "predict.lua"
     write_lua(png, lua, args.max_requests)

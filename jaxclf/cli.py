@@ -18,7 +18,8 @@ COMMAND_GROUPS = [
     ("jaxclf.evaluate.evaluate", "add_evaluate_command"),
     ("jaxclf.export.cli", "add_export_commands"),
     ("serving.predict_cli", "add_serve_commands"),
-    ("jaxclf.tracking.sweeps", "add_sweep_commands"),
+    ("jaxclf.sweeps.cli", "add_sweep_commands"),
+    ("jaxclf.tracking.compare", "add_runs_commands"),
 ]
 
 
@@ -34,10 +35,10 @@ def _user_error_types():
 
 def run_training(config_spec: str, workdir: str, overrides=()) -> int:
   from jaxclf.config import load_config
-  from jaxclf.train.loop import train_and_evaluate
+  from jaxclf.sweeps.tracked import train_tracked  # train_and_evaluate + optional MLflow
   try:
     config = load_config(config_spec, overrides)
-    record = train_and_evaluate(config, workdir)
+    record = train_tracked(config, workdir)
   except _user_error_types() as e:
     print(f"jaxclf: error: {e}", file=sys.stderr)
     return 2

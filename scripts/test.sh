@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test --serving
+bash scripts/setup_mlflow_env.sh  # .venv-mlflow: the MLflow tracking server (tests/test_sweeps.py)
+bash scripts/setup_lint_env.sh   # .venv-lint: deploy/CI linters (tests/test_deploy.py)
 exec .venv/bin/python -m pytest -q -p no:randomly "$@"

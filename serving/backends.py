@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxclf.data.transforms import PreprocessSpec
-from jaxclf.hashing import sha256_file as _sha256_file
+from jaxclf.integrity import IntegrityError, read_verified
 
 log = logging.getLogger("jaxclf.serving")
 
@@ -47,6 +47,8 @@ class ModelBundle:
   reference: dict[str, Any] | None = None  # reference_stats.json
   export_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
   source_uri: str | None = None
+  # model.onnx as read and hashed at load: the backend hands these very bytes to onnxruntime.
+  model_bytes: bytes | None = dataclasses.field(default=None, repr=False)
 
   @property
   def num_classes(self) -> int:
@@ -89,8 +91,9 @@ def resolve_model_path(model_path: str) -> str:
   return path
 
 
-def load_bundle(model_path: str) -> ModelBundle:
-  """Reads an export directory; a clear ModelLoadError names what is missing or wrong."""
+def load_bundle(model_path: str, *, allow_unverified: bool = False) -> ModelBundle:
+  """Reads an export directory; a clear ModelLoadError names what is missing or wrong. model.onnx
+  is read once and checked against its recorded sha256 (jaxclf.integrity)."""
   export_dir = resolve_model_path(model_path)
   if not os.path.isdir(export_dir):
     raise ModelLoadError(f"model path {model_path!r}: {export_dir} is not a directory")
@@ -118,11 +121,11 @@ def load_bundle(model_path: str) -> ModelBundle:
   meta = _read_json(meta_path) if os.path.isfile(meta_path) else {}
   ref_path = os.path.join(export_dir, "reference_stats.json")
   reference = _read_json(ref_path) if os.path.isfile(ref_path) else None
-  onnx_sha = _sha256_file(os.path.join(export_dir, "model.onnx"))
-  recorded = (meta.get("artifacts") or {}).get("model.onnx")
-  if recorded and recorded != onnx_sha:  # a tampered or half-copied export must not serve
-    raise ModelLoadError(f"{export_dir}/model.onnx: sha256 {onnx_sha[:12]}... does not match "
-                         f"export.json artifacts ({str(recorded)[:12]}...)")
+  try:  # a tampered, half-copied or unrecorded model must not serve
+    model_bytes, onnx_sha = read_verified(os.path.join(export_dir, "model.onnx"),
+                                          allow_unverified=allow_unverified)
+  except IntegrityError as e:
+    raise ModelLoadError(str(e)) from None
   registry = meta.get("registry") if isinstance(meta.get("registry"), dict) else {}
   version_path = os.path.join(export_dir, "version.json")  # a registry version directory
   if os.path.isfile(version_path):
@@ -134,7 +137,7 @@ def load_bundle(model_path: str) -> ModelBundle:
              or os.path.basename(os.path.normpath(export_dir)) or "model")
   return ModelBundle(name=name, version=version, export_dir=export_dir, spec=spec, labels=labels,
                      sha256=onnx_sha, reference=reference, export_meta=meta,
-                     source_uri=model_path)
+                     source_uri=model_path, model_bytes=model_bytes)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -272,11 +275,14 @@ class OnnxBackend:
     # Idle ORT threads spin by default, burning the cores the event loop needs between batches.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # the harmless NCHW/NHWC "MergeShapeInfo" warnings (FINDINGS.md)
+    # The verified bytes, never the path again: the file may have changed since it was hashed.
+    source = bundle.model_bytes if bundle.model_bytes is not None else path
     try:
-      self.session = ort.InferenceSession(path, sess_options=opts,
+      self.session = ort.InferenceSession(source, sess_options=opts,
                                           providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
       raise ModelLoadError(f"{path}: onnxruntime cannot load it ({e})") from None
+    bundle.model_bytes = None  # onnxruntime holds its own copy now
     inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
     self.input_name = inputs[0].name
     self.output_name = next((o.name for o in outputs if o.name == "logits"), outputs[0].name)

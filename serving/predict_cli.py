@@ -51,12 +51,35 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--allow-url-fetch", action="store_true", default=None,
                  help="accept {'url': ...} in /v1/predict/json (with --url-allowlist)")
-  p.add_argument("--url-allowlist", default=None, help="comma-separated hosts or URL prefixes")
+  p.add_argument("--url-allowlist", default=None,
+                 help="comma-separated hosts or scheme://host[:port]/path-prefix entries")
+  p.add_argument("--url-allow-private", action="store_true", default=None,
+                 help="let URL fetch reach private, loopback and link-local addresses")
+  p.add_argument("--url-resolve", default=None,
+                 help="comma-separated host=ip pins for URL fetch (like curl --resolve)")
+  p.add_argument("--api-keys-file", default=None,
+                 help="API keys, one a line: name key [rate_per_s [burst]]")
+  p.add_argument("--api-key-rate-per-s", type=float, default=None,
+                 help="token bucket for keys without their own rate (default 0 = unlimited)")
+  p.add_argument("--api-key-burst", type=int, default=None)
+  p.add_argument("--protect-ops", action="store_true", default=None,
+                 help="/metrics, /v1/models, /v1/monitoring and /docs need the API key too")
+  p.add_argument("--max-inflight", type=int, default=None,
+                 help="predict requests processed at once (default 64)")
+  p.add_argument("--max-queue", type=int, default=None,
+                 help="predict requests waiting beyond --max-inflight before 429 (default 256)")
+  p.add_argument("--shutdown-delay-s", type=float, default=None,
+                 help="after SIGTERM: answer 503 (readyz too) this long before closing")
+  p.add_argument("--drain-timeout-s", type=float, default=None,
+                 help="after SIGTERM: longest wait for in-flight requests (default 30)")
+  p.add_argument("--allow-unverified", action="store_true", default=None,
+                 help="serve an export whose model.onnx has no recorded sha256")
   p.add_argument("--monitor-window", type=int, default=None)
   p.add_argument("--drift-threshold", type=float, default=None)
   p.add_argument("--no-request-log", dest="log_requests", action="store_false", default=None)
   p.add_argument("--log-level", default="INFO")
-  p.epilog = ("Secrets come from the environment only: JAXCLF_SERVE_API_KEY (predict endpoints need "
+  p.epilog = ("Secrets come from the environment or files only: JAXCLF_SERVE_API_KEY / "
+              "JAXCLF_SERVE_API_KEYS (comma-separated) or --api-keys-file (predict endpoints need "
               "X-API-Key), JAXCLF_SERVE_ADMIN_TOKEN (POST /v1/admin/reload). Any setting can be set "
               "as JAXCLF_SERVE_<NAME>; flags win.")
 
@@ -64,7 +87,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def _settings_from_args(args: argparse.Namespace):
   from serving.settings import ServeSettings, load_settings
   import dataclasses
-  names = {f.name for f in dataclasses.fields(ServeSettings)} - {"api_key", "admin_token"}
+  names = {f.name for f in dataclasses.fields(ServeSettings)} - {"api_key", "api_keys",
+                                                                  "admin_token"}
   overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
   return load_settings(overrides)
 
@@ -75,10 +99,16 @@ def run_serve(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f"jaxclf serve: error: {e}", file=sys.stderr)
     return 2
+  from serving.auth import load_keys
   from serving.backends import ModelLoadError, load_bundle
+  try:
+    load_keys(settings)  # a bad keys file stops here, not at the first request
+  except ValueError as e:
+    print(f"jaxclf serve: error: {e}", file=sys.stderr)
+    return 2
   if settings.model_path:  # fail fast on a wrong path, before the server starts
     try:
-      load_bundle(settings.model_path)
+      load_bundle(settings.model_path, allow_unverified=settings.allow_unverified)
     except (ModelLoadError, OSError) as e:
       print(f"jaxclf serve: error: {e}", file=sys.stderr)
       return 2
@@ -94,9 +124,13 @@ def run_serve(args: argparse.Namespace) -> int:
   # The fast event loop and HTTP parser when installed (requirements/serving-api.txt pins both).
   loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
   http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-  uvicorn.run(app, host=settings.host, port=settings.port, workers=1, loop=loop, http=http,
-              access_log=False, log_config=None, log_level=args.log_level.lower(),
-              timeout_keep_alive=15, limit_concurrency=2048, backlog=2048)
+  config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, loop=loop,
+                          http=http, access_log=False, log_config=None,
+                          log_level=args.log_level.lower(), timeout_keep_alive=15,
+                          limit_concurrency=2048, backlog=2048,
+                          timeout_graceful_shutdown=settings.drain_timeout_s)
+  from serving.shutdown import DrainingServer
+  DrainingServer(config, app.state.gateway).run()
   return 0
 
 
@@ -234,7 +268,7 @@ def run_predict(args: argparse.Namespace) -> int:
   fmt = args.format or ("jsonl" if args.out.lower().endswith((".jsonl", ".ndjson")) else "csv")
   errors_path = args.errors or f"{os.path.splitext(args.out)[0]}.errors.csv"
   try:
-    bundle = load_bundle(args.model_path)
+    bundle = load_bundle(args.model_path, allow_unverified=args.allow_unverified)
     backend = OnnxBackend(bundle, threads=args.threads or 0, micro_batching=False)
   except (ModelLoadError, OSError) as e:
     print(f"jaxclf predict: error: {e}", file=sys.stderr)
@@ -331,6 +365,8 @@ def _add_predict_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-resume", dest="resume", action="store_false",
                  help="start over instead of skipping URIs already in --out")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--allow-unverified", action="store_true",
+                 help="predict with a model.onnx that has no recorded sha256")
 
 
 def add_serve_commands(subparsers) -> None:

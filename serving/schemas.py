@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Prediction(BaseModel):
@@ -54,6 +54,10 @@ class ErrorResponse(BaseModel):
       "request_id": "6f1c0d7e2b9a4c1f"}]})
   error: ErrorDetail
   request_id: Optional[str] = None
+  # Only on 422 all_items_failed: the per-item errors of a batch in which nothing succeeded.
+  results: Optional[list["BatchItem"]] = None
+  succeeded: Optional[int] = None
+  failed: Optional[int] = None
 
 
 class BatchItem(BaseModel):
@@ -63,6 +67,9 @@ class BatchItem(BaseModel):
   predictions: Optional[list[Prediction]] = None
   image: Optional[ImageInfo] = None
   error: Optional[ErrorDetail] = None
+
+
+ErrorResponse.model_rebuild()
 
 
 class BatchResponse(BaseModel):
@@ -76,12 +83,22 @@ class BatchResponse(BaseModel):
 
 class JsonImage(BaseModel):
   """One image by value (base64) or by reference (URL, only when the server allows it)."""
-  model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-      {"name": "shoe.png", "b64": "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR42mNgGAWjYBQQAwADLAAB1wvpfAAAAABJRU5ErkJggg=="}]})
-  b64: Optional[str] = Field(default=None, description="the encoded image file, base64")
-  url: Optional[str] = Field(default=None, description="http(s) URL; off unless the server allows "
-                             "URL fetch and the host is on its allow-list")
+  model_config = ConfigDict(extra="forbid", json_schema_extra={
+      "examples": [{"name": "shoe.png", "b64": "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR42mNgGAWjYBQQAwADLAAB1wvpfAAAAABJRU5ErkJggg=="}],
+      # Exactly one of the two. A malformed item is a malformed request (422 invalid_request);
+      # per-item errors are for the images themselves (not base64, not an image, URL refused).
+      "oneOf": [{"required": ["b64"]}, {"required": ["url"]}]})
+  b64: str = Field(default=None, description="the encoded image file, base64",
+                   json_schema_extra={"format": "byte"})
+  url: str = Field(default=None, description="http(s) URL; off unless the server allows "
+                   "URL fetch and the host is on its allow-list")
   name: Optional[str] = Field(default=None, max_length=256, description="echoed back as filename")
+
+  @model_validator(mode="after")
+  def _exactly_one(self):
+    if (self.b64 is None) == (self.url is None):
+      raise ValueError("give exactly one of 'b64' or 'url'")
+    return self
 
 
 class JsonPredictRequest(BaseModel):

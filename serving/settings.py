@@ -36,9 +36,24 @@ class ServeSettings:
   max_pixels: int = 16_000_000
   request_timeout_s: float = 10.0
   top_k: int = 5
-  # auth: predict needs X-API-Key when api_key is set; /v1/admin/* always needs admin_token.
+  # auth: predict needs X-API-Key when any key is set; /v1/admin/* always needs admin_token.
+  # Keys come from api_key (one), api_keys (JAXCLF_SERVE_API_KEYS, comma-separated) and
+  # api_keys_file (lines "name key [rate_per_s [burst]]"); see serving/auth.py.
   api_key: str | None = None
+  api_keys: tuple[str, ...] = ()
+  api_keys_file: str | None = None
+  api_key_rate_per_s: float = 0.0  # token bucket for keys without their own; 0 = unlimited
+  api_key_burst: int = 0  # bucket size; 0 = max(1, rate)
+  protect_ops: bool = False  # /metrics, /v1/models, /v1/monitoring, /docs need the key too
   admin_token: str | None = None
+  # load shedding: predict requests past max_inflight wait in a queue of max_queue; past both,
+  # 429 + Retry-After. On SIGTERM the server drains: 503 to new work, in-flight ones finish.
+  max_inflight: int = 64
+  max_queue: int = 256
+  shutdown_delay_s: float = 0.0  # keep answering 503 / readyz 503 this long before closing
+  drain_timeout_s: float = 30.0  # longest wait for in-flight requests after SIGTERM
+  # integrity: refuse an export with no recorded sha256 for model.onnx unless this is set
+  allow_unverified: bool = False
   # onnxruntime + micro-batching
   micro_batching: bool = True
   max_batch_size: int = 32
@@ -50,7 +65,10 @@ class ServeSettings:
   warmup_runs: int = 3
   # JSON input by URL: off unless allowed, and then only to listed hosts
   allow_url_fetch: bool = False
-  url_allowlist: tuple[str, ...] = ()  # host names ("images.example.com") or URL prefixes
+  # Entries: a host ("images.example.com", any http(s) path) or scheme://host[:port]/path-prefix.
+  url_allowlist: tuple[str, ...] = ()
+  url_allow_private: bool = False  # also fetch from private, loopback, link-local... addresses
+  url_resolve: tuple[str, ...] = ()  # "host=ip" pins, like curl --resolve (tests, split DNS)
   url_max_bytes: int = 10 * 1024 * 1024
   url_timeout_s: float = 5.0
   # monitoring
@@ -66,15 +84,18 @@ class ServeSettings:
     if self.triton_protocol not in ("grpc", "http"):
       raise ValueError(f"triton_protocol must be 'grpc' or 'http', got {self.triton_protocol!r}")
     for name in ("max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels", "top_k",
-                 "max_batch_size", "monitor_window", "drift_min_samples"):
+                 "max_batch_size", "monitor_window", "drift_min_samples", "max_inflight"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
     if self.request_timeout_s <= 0 or self.max_wait_ms < 0:
       raise ValueError("request_timeout_s must be > 0 and max_wait_ms >= 0")
     if not 0 < self.low_confidence_threshold < 1:
       raise ValueError("low_confidence_threshold must be in (0, 1)")
-    if isinstance(self.url_allowlist, str):
-      self.url_allowlist = tuple(s.strip() for s in self.url_allowlist.split(",") if s.strip())
+    for name in ("url_allowlist", "api_keys", "url_resolve"):
+      if isinstance(getattr(self, name), str):
+        setattr(self, name, tuple(s.strip() for s in getattr(self, name).split(",") if s.strip()))
+    if self.max_queue < 0 or self.api_key_rate_per_s < 0 or self.shutdown_delay_s < 0:
+      raise ValueError("max_queue, api_key_rate_per_s and shutdown_delay_s must be >= 0")
 
   def ort_threads(self) -> int:
     """onnxruntime intra-op threads: every usable core but one, which the event loop (HTTP,
@@ -90,7 +111,8 @@ class ServeSettings:
   def public_limits(self) -> dict[str, Any]:
     return {k: getattr(self, k) for k in (
         "max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels",
-        "request_timeout_s", "top_k", "allow_url_fetch", "url_max_bytes", "url_timeout_s")}
+        "request_timeout_s", "top_k", "allow_url_fetch", "url_max_bytes", "url_timeout_s",
+        "max_inflight", "max_queue")}
 
 
 def _parse(field: dataclasses.Field, text: str) -> Any:

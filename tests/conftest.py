@@ -25,6 +25,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float, failure: str) -> None:
+  """Until `url` answers; kills `proc` and raises RuntimeError(failure) if it exits or times out."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      urllib.request.urlopen(url, timeout=2).read()
+      return
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(failure) from None
+      time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
   """moto's S3 server in its own process on a free port; AWS_* env points s3fs/boto3 at it."""
@@ -33,17 +47,8 @@ def s3_server():
   proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                           stdout=log, stderr=log)
   url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 30
-  while True:
-    try:
-      urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-      break
-    except OSError:
-      if proc.poll() is not None or time.monotonic() > deadline:
-        proc.kill()
-        raise RuntimeError("moto S3 server did not start (is moto installed? "
-                           "pip install -r requirements/data.txt)")
-      time.sleep(0.1)
+  wait_for_http(url + "/moto-api/", proc, 30, "moto S3 server did not start (is moto installed? "
+                "pip install -r requirements/data.txt)")
   saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                           "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
   os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import requests
 
-from serving.monitoring import (DriftMonitor, compute_reference_stats, measure_input,
-                                population_stability_index)
+from jaxclf.data.reference_stats import (compute_reference_stats, measure_input,
+                                         population_stability_index)
+from serving.monitoring import DriftMonitor
 from test_serving import Server, fashion_arrays, png, session_export
 
 WINDOW = 200

@@ -31,6 +31,7 @@ def export_dir(tmp_path_factory):
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
   out = tmp_path_factory.mktemp("reg-export") / "cnn"
   source = {"run_dir": "/runs/cnn", "checkpoint_step": 420, "dataset_version": "abc123",
+            "mlflow_run_id": "0123456789abcdef",
             "config": {"model": {"name": "cnn_tiny"}},
             "metrics": {"val": {"accuracy": 0.91}, "test": {"accuracy": 0.905}}}
   export_model(model, variables, PreprocessSpec(class_names=tuple(CLASS_NAMES)), str(out),
@@ -48,6 +49,7 @@ def test_register_list_show_carry_the_metadata(registry, export_dir):
   assert (mv.version, mv.stage) == (1, "experimental")
   shown = registry.show("fashion", 1)
   assert shown["source"]["run_dir"] == "/runs/cnn" and shown["source"]["checkpoint_step"] == 420
+  assert shown["source"]["mlflow_run_id"] == "0123456789abcdef"  # the version names its MLflow run
   assert shown["config"] == {"model": {"name": "cnn_tiny"}}
   assert shown["dataset_version"] == "abc123"
   assert shown["metrics"] == {"val": {"accuracy": 0.91}, "test": {"accuracy": 0.905}}

@@ -75,6 +75,10 @@ def write_centroid_export(export_dir: str, train_x: np.ndarray, train_y: np.ndar
   with open(os.path.join(export_dir, "labels.txt"), "w") as f:
     f.write("\n".join(spec.class_names) + "\n")
   np.savez(os.path.join(export_dir, "centroids.npz"), w=w, b=b)
+  # evaluate refuses a model.onnx with no recorded sha256 (jaxclf/integrity.py).
+  from jaxclf.hashing import sha256_file
+  with open(os.path.join(export_dir, "export.json"), "w") as f:
+    json.dump({"artifacts": {"model.onnx": sha256_file(os.path.join(export_dir, "model.onnx"))}}, f)
   return export_dir
 
 

@@ -153,8 +153,11 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory):
+  # The test image server is on loopback, which URL fetch refuses unless --url-allow-private
+  # (tests/test_serving_hardening.py checks the refusals).
   s = Server(export_dir, tmp_path_factory.mktemp("srv") / "server.log",
-             "--allow-url-fetch", "--url-allowlist", "127.0.0.1", "--max-batch-size", "16")
+             "--allow-url-fetch", "--url-allowlist", "127.0.0.1", "--url-allow-private",
+             "--max-batch-size", "16")
   yield s
   s.stop()
 
@@ -249,10 +252,13 @@ def test_json_base64_and_url_input(server, test_images):
         {"url": base + "/shoe.png"},
         {"url": base + "/redirect"},
         {"url": "http://localhost:1/x.png"},  # host not on the allow-list
-        {"b64": "***not base64***"},
+        {"b64": "***not base64***"}]})
+    # An item with both (or neither) is a malformed request, not a failed image.
+    both = requests.post(server.url + "/v1/predict/json", json={"images": [
         {"b64": "aGVsbG8=", "url": base + "/shoe.png"}]})
   finally:
     httpd.shutdown()
+  assert both.status_code == 422 and both.json()["error"]["code"] == "invalid_request"
   assert r.status_code == 200, r.text
   res = r.json()["results"]
   assert res[0]["ok"] and res[1]["ok"]
@@ -260,7 +266,6 @@ def test_json_base64_and_url_input(server, test_images):
   assert res[2]["error"]["code"] == "url_fetch_failed" and "redirect" in res[2]["error"]["message"]
   assert res[3]["error"]["code"] == "url_not_allowed"
   assert res[4]["error"]["code"] == "bad_base64"
-  assert res[5]["error"]["code"] == "invalid_request"
 
 
 # --------------------------------------------------------------------------- bad input

@@ -150,36 +150,23 @@ def test_kill9_mid_epoch_then_rerun_resumes_exactly(tmp_path):
   assert untimed(cut["history"]) == untimed(ref["history"])
 
 
-def test_sweep_grid_runs_each_trial_and_compares(tmp_path, capsys):
-  from jaxclf.cli import main
-  from jaxclf.tracking.sweeps import expand_sweep
-  assert len(expand_sweep({"grid": {"a": [1, 2], "b": [3, 4, 5]}})) == 6
-  draws = expand_sweep({"random": {"lr": ("log_uniform", 0.01, 1.0), "ls": ("choice", [0.0, 0.1])},
-                        "trials": 4, "seed": 3})
-  assert len(draws) == 4 and all(0.01 <= d["lr"] <= 1.0 for d in draws)
-  assert draws == expand_sweep({"random": {"lr": ("log_uniform", 0.01, 1.0), "ls": ("choice", [0.0, 0.1])},
-                                "trials": 4, "seed": 3})
-  sweep_file = tmp_path / "sweep_cfg.py"
-  sweep_file.write_text(
-      "import importlib.util, os\n"
-      f"spec = importlib.util.spec_from_file_location('c', {ROOT + '/configs/cnn.py'!r})\n"
-      "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-      "def get_config(arg=None):\n  return m.get_config('tiny')\n"
-      "def get_sweep(name):\n  return {'grid': {'optimizer.learning_rate': [0.05, 0.2], 'train.num_epochs': [1]}}\n")
-  assert main(["sweep", "--config", str(sweep_file), "--sweep", "x", "--workdir", str(tmp_path / "sw")]) == 0
-  runs = sorted(os.listdir(tmp_path / "sw"))
-  assert runs == ["000_learning_rate=0.05,num_epochs=1", "001_learning_rate=0.2,num_epochs=1", "sweep.json"]
-  capsys.readouterr()
-  assert main(["runs", "compare", str(tmp_path / "sw" / "*"), "--json"]) == 0
-  rows = json.loads(capsys.readouterr().out)
-  assert {r["hparams"]["optimizer.learning_rate"] for r in rows} == {0.05, 0.2}
-  assert all(r["status"] == "completed" and r["dataset_version"] for r in rows)
+def test_legacy_sweep_specs_read_as_optuna_spaces():
+  """The older get_sweep shapes ({'grid': ...}, {'random': ...}) still work; the runs themselves
+  are tests/test_sweeps.py's."""
+  from jaxclf.sweeps.space import normalize
+  grid = normalize({"grid": {"a": [1, 2], "b": [3, 4, 5]}}, "x")
+  assert grid["sampler"] == "grid" and grid["trials"] == 6
+  assert grid["space"]["b"] == {"categorical": [3, 4, 5]}
+  rnd = normalize({"random": {"lr": ("log_uniform", 0.01, 1.0), "ls": ("choice", [0.0, 0.1])},
+                   "trials": 4, "seed": 3}, "x")
+  assert rnd["sampler"] == "random" and rnd["trials"] == 4 and rnd["seed"] == 3
+  assert rnd["space"]["lr"] == {"float": (0.01, 1.0), "log": True}
 
 
 def test_training_core_imports_no_edge_integrations():
   """The training core never imports export, serving or heavyweight frameworks."""
   code = ("import sys, jaxclf.train.loop, jaxclf.cli, jaxclf.main; "
           "bad = [m for m in ('torch', 'tensorflow', 'onnx', 'onnxruntime', 'jax2onnx', 'fastapi', "
-          "'tritonclient', 'mlflow', 'tensorboardX') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+          "'tritonclient', 'mlflow', 'optuna', 'tensorboardX') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stdout + out.stderr

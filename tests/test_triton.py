@@ -87,7 +87,7 @@ def served(tmp_path_factory):
   env = _serving_env()
   from jaxclf.export.triton import TritonServer
   from jaxclf.registry import Registry
-  from jaxclf.registry.deploy import sync_serving
+  from jaxclf.deploy.sync import sync_serving
   tmp = tmp_path_factory.mktemp("triton")
   exports = [_make_export(tmp / f"export{s}", seed=s) for s in (0, 1)]
   registry = Registry(str(tmp / "registry"))
@@ -228,7 +228,7 @@ def _collect(procs):
 def test_promote_and_rollback_switch_the_served_version_live(served):
   """Requests keep flowing (HTTP and gRPC clients in a loop) while production moves v1 -> v2 ->
   back to v1: none fails, and every request sent after a switch returned gets the new version."""
-  from jaxclf.registry.deploy import sync_serving
+  from jaxclf.deploy.sync import sync_serving
   s, registry = served["server"], served["registry"]
   refs = {str(v): _reference_probs(e, served["paths"][:1])[0]
           for v, e in zip((1, 2), served["exports"])}

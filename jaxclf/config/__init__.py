@@ -1,4 +1,4 @@
-"""Run configuration: defaults, file/YAML/env/CLI loading, validation, sweeps."""
+"""Run configuration: defaults, file/YAML/env/CLI loading, validation, name registries."""
 from jaxclf.config.defaults import default_config
 from jaxclf.config.loading import load_config, set_dotted
 from jaxclf.config.validate import ConfigError, validate

@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule.name = "one_cycle"  # constant | step | exponential | warmup_cosine | one_cycle | plateau
   c.schedule.warmup_fraction = 0.25  # share of all steps (warmup_cosine, one_cycle)
   c.schedule.final_fraction = 0.0  # end lr / peak lr
+  c.schedule.anneal = "linear"  # one_cycle: linear | cos (half-cosines, as PyTorch's OneCycleLR)
   c.schedule.step_epochs = (30, 60)  # step: multiply by decay_rate at these epochs
   c.schedule.decay_rate = 0.1  # step / exponential (per epoch)
   c.schedule.plateau_patience = 2  # plateau: epochs without val improvement before cutting lr
@@ -98,4 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss
   c.early_stopping.patience = 0  # epochs; 0 = off
   c.early_stopping.min_delta = 0.0
+
+  # Experiment tracking beyond run.json + TensorBoard (jaxclf/tracking/mlflow_bridge.py).
+  c.tracking = ml_collections.ConfigDict()
+  c.tracking.mlflow_uri = ""  # e.g. http://127.0.0.1:5000; "" = MLFLOW_TRACKING_URI, else off
+  c.tracking.mlflow_experiment = ""  # "" = the config's name
   return c

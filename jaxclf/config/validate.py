@@ -1,4 +1,7 @@
-"""Config validation: one clear message naming the field, before any compute."""
+"""Config validation: one clear message naming the field, before any compute.
+
+Names (optimizers, schedules, models) come from the name registries in jaxclf/config/names.py:
+config is a foundation and imports neither the trainer nor the model constructors."""
 from __future__ import annotations
 
 import difflib
@@ -7,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from jaxclf.config.defaults import default_config
+from jaxclf.config.names import MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES
 
 
 class ConfigError(ValueError):
@@ -85,7 +89,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"), "train.class_weights": ("none", "balanced"),
     "early_stopping.metric": ("val_accuracy", "val_loss"),
     "model.conv_impl": ("auto", "xla", "matmul", "onednn"),
-    "data.on_device": ("auto", "true", "false"),
+    "data.on_device": ("auto", "true", "false"), "schedule.anneal": ("linear", "cos"),
 }
 
 
@@ -110,13 +114,42 @@ def _choose(value: Any, choices, dotted: str) -> None:
     raise ConfigError(f"{dotted}: {value!r} is not one of {list(choices)}.{hint}")
 
 
-def _check_model_kwargs(ctor, name: str, kwargs: dict) -> None:
-  """model.kwargs must be constructor fields of the chosen model (e.g. after --config.model.name=)."""
+def _custom_model_args(name: str) -> tuple[str, ...] | None:
+  """`package.module:ClassName`: the user's own module is imported (nothing of jaxclf's models);
+  returns its dataclass fields, or None for a plain factory (its own signature will check)."""
   import dataclasses
+  import importlib
+  module_name, _, attr = name.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ConfigError(f"model.name: model {name!r}: cannot import module {module_name!r} ({e})"
+                      ) from None
+  if not hasattr(module, attr):
+    raise ConfigError(f"model.name: model {name!r}: module {module_name!r} has no attribute "
+                      f"{attr!r}")
+  ctor = getattr(module, attr)
   cls = getattr(ctor, "func", ctor)  # functools.partial variants
   if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-    return  # a plain factory function: its own signature will check
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
+    return None
+  return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name",
+                                                                         "num_classes"))
+
+
+def check_model(name: str, kwargs: dict) -> None:
+  """model.name is a registered built-in (jaxclf/config/names.py) or `package.module:Class`;
+  model.kwargs must be constructor arguments of that model (e.g. after --config.model.name=)."""
+  if ":" in name:
+    fields = _custom_model_args(name)
+  elif name in MODEL_ARGS:
+    fields = MODEL_ARGS[name]
+  else:
+    close = difflib.get_close_matches(name, MODEL_ARGS, n=3)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"model.name: unknown model {name!r}.{hint} Known: "
+                      f"{', '.join(sorted(MODEL_ARGS))}, or 'package.module:ClassName'.")
+  if fields is None:
+    return
   for key in kwargs:
     if key not in fields:
       close = difflib.get_close_matches(key, fields, n=1)
@@ -127,10 +160,6 @@ def _check_model_kwargs(ctor, name: str, kwargs: dict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, wrong types, out-of-range values or unknown names."""
-  from jaxclf.models.registry import resolve_model  # model names come from the registry
-  from jaxclf.train.optimizers import OPTIMIZERS
-  from jaxclf.train.schedules import SCHEDULES
-
   _walk(default_config(), config)
   for dotted, (lo, hi) in RANGES.items():
     section, _, key = dotted.rpartition(".")
@@ -141,13 +170,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for dotted, choices in CHOICES.items():
     section, _, key = dotted.rpartition(".")
     _choose(config[section][key], choices, dotted)
-  _choose(config.optimizer.name, sorted(OPTIMIZERS), "optimizer.name")
-  _choose(config.schedule.name, sorted(SCHEDULES), "schedule.name")
-  try:
-    ctor = resolve_model(config.model.name)
-  except ValueError as e:
-    raise ConfigError(f"model.name: {e}") from None
-  _check_model_kwargs(ctor, config.model.name, dict(config.model.kwargs))
+  _choose(config.optimizer.name, sorted(OPTIMIZER_NAMES), "optimizer.name")
+  _choose(config.schedule.name, sorted(SCHEDULE_NAMES), "schedule.name")
+  check_model(config.model.name, dict(config.model.kwargs))
   c = config.data.channels
   for key in ("mean", "std"):
     if len(config.preprocessing[key]) != c:

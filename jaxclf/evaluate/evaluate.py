@@ -32,7 +32,6 @@ from jaxclf.data import transforms
 from jaxclf.data.dataset import DataError, check_classes
 from jaxclf.data.decode import DecodeError, decode_image
 from jaxclf.evaluate.schema import SCHEMA_VERSION, validate_metrics
-from jaxclf.hashing import sha256_file as _sha256_file
 
 # metrics (scikit-learn), plots (matplotlib), curves (tensorboard) and onnxruntime / jax are
 # imported inside the functions that use them: `jaxclf --help` and the other commands, which
@@ -85,7 +84,7 @@ def _resolve_registry(uri: str) -> str:
     raise EvaluationError(f"--model-path {uri!r}: {e}") from None
 
 
-def _load_onnx(uri: str, onnx_path: str) -> LoadedModel:
+def _load_onnx(uri: str, onnx_path: str, allow_unverified: bool = False) -> LoadedModel:
   export_dir = os.path.dirname(os.path.abspath(onnx_path))
   spec_path = os.path.join(export_dir, "preprocessing.json")
   if not os.path.isfile(spec_path):
@@ -107,11 +106,16 @@ def _load_onnx(uri: str, onnx_path: str) -> LoadedModel:
       spec = dataclasses.replace(spec, class_names=tuple(labels))
 
   import onnxruntime as ort
+  from jaxclf.integrity import IntegrityError, read_verified
+  try:  # the bytes that are scored are the bytes that were hashed (no reopen by path)
+    model_bytes, model_sha = read_verified(onnx_path, allow_unverified=allow_unverified)
+  except IntegrityError as e:
+    raise EvaluationError(str(e)) from None
   opts = ort.SessionOptions()
   opts.intra_op_num_threads = min(4, os.cpu_count() or 1)
   opts.log_severity_level = 3  # the NCHW/NHWC "MergeShapeInfo" warning is harmless (FINDINGS)
   try:
-    session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
   except Exception as e:  # onnxruntime raises its own exception types for a bad graph
     raise EvaluationError(f"{onnx_path}: onnxruntime cannot load it ({e})") from None
   inp = session.get_inputs()[0]
@@ -151,7 +155,7 @@ def _load_onnx(uri: str, onnx_path: str) -> LoadedModel:
                      checkpoint=str(which) if which is not None else None,
                      step=int(step) if step is not None else None,
                      architecture=(meta.get("model") or {}).get("name"),
-                     sha256=_sha256_file(onnx_path), selected_by=selected)
+                     sha256=model_sha, selected_by=selected)
 
 
 def _fixed_batch(fn: Callable[..., np.ndarray], batch: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -231,7 +235,9 @@ def check_model_fits_spec(model: LoadedModel) -> None:
 
 
 def load_model(model_path: str, which: str | int = "best",
-               batch_size: int = DEFAULT_BATCH_SIZE) -> LoadedModel:
+               batch_size: int = DEFAULT_BATCH_SIZE, *, allow_unverified: bool = False) -> LoadedModel:
+  """A run dir, an ONNX export (its model.onnx checked against the recorded sha256, refused
+  without one unless `allow_unverified`) or a registry URI -> LoadedModel."""
   uri = str(model_path)
   path = _resolve_registry(uri) if uri.startswith("registry:") else os.path.expanduser(uri)
   if not os.path.exists(path):
@@ -239,9 +245,9 @@ def load_model(model_path: str, which: str | int = "best",
   if os.path.isfile(path):
     if not path.endswith(".onnx"):
       raise EvaluationError(f"--model-path {uri!r}: a file must be an ONNX model (.onnx)")
-    model = _load_onnx(uri, path)
+    model = _load_onnx(uri, path, allow_unverified)
   elif os.path.isfile(os.path.join(path, "model.onnx")):
-    model = _load_onnx(uri, os.path.join(path, "model.onnx"))
+    model = _load_onnx(uri, os.path.join(path, "model.onnx"), allow_unverified)
   elif os.path.isdir(os.path.join(path, "checkpoints")):
     model = _load_checkpoint(uri, path, which, batch_size)
   else:
@@ -604,7 +610,7 @@ def _document(model: LoadedModel, data: TestData, test: dict, val: dict | None,
 def evaluate_model(model_path: str, test_data: str, out_dir: str | None = None, *,
                    which: str | int = "best", batch_size: int = DEFAULT_BATCH_SIZE,
                    max_examples: int = 0, seed: int = 0, bootstrap_resamples: int = 1000,
-                   workers: int = 2, tensorboard: bool = True,
+                   workers: int = 2, tensorboard: bool = True, allow_unverified: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> Evaluation:
   """Scores `model_path` on `test_data`; writes metrics.json, report.html, PNG plots and
   TensorBoard images (<out>/tb) to out_dir (default: see `default_out_dir`).
@@ -617,7 +623,7 @@ def evaluate_model(model_path: str, test_data: str, out_dir: str | None = None, 
   from jaxclf.evaluate import plots, report
 
   t0 = time.perf_counter()
-  model = load_model(model_path, which, batch_size)
+  model = load_model(model_path, which, batch_size, allow_unverified=allow_unverified)
   data = load_test_data(test_data, _run_data_config(model), workers=workers)
   labels, renamed = model_labels(data, model)
   data, labels = _subset(data, labels, max_examples, seed)
@@ -692,6 +698,8 @@ def add_evaluate_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--max-examples", type=int, default=0,
                  help="score a seeded random subset of this size (0 = all)")
   p.add_argument("--seed", type=int, default=0, help="bootstrap and subset seed")
+  p.add_argument("--allow-unverified", action="store_true",
+                 help="score an ONNX model that has no recorded sha256 (export.json / version.json)")
   p.set_defaults(func=run_evaluate_command)
   return p
 
@@ -704,7 +712,8 @@ def run_evaluate_command(args) -> int:
   try:
     ev = evaluate_model(args.model_path, args.test_data, args.out, which=args.checkpoint,
                         batch_size=args.batch_size, max_examples=args.max_examples,
-                        seed=args.seed, progress=progress)
+                        seed=args.seed, allow_unverified=args.allow_unverified,
+                        progress=progress)
   except (EvaluationError, DataError) as e:
     print(f"jaxclf evaluate: error: {e}", file=sys.stderr)
     return 2

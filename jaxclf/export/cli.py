@@ -7,6 +7,9 @@
   jaxclf registry rollback fashion                              production -> the previous holder
   jaxclf registry deploy fashion --model-repository model_repository/ [--triton-url host:8000]
   jaxclf registry verify fashion 3
+  jaxclf registry gate fashion staging --floor 0.85     promote if it beats production (exit 1: refused)
+  jaxclf registry audit fashion                         the event log, gate verdicts included
+  jaxclf registry dataset-changed fashion --manifest data/fashion/manifest.json   (retrain trigger)
 
 promote/rollback/deploy with --model-repository (or $JAXCLF_MODEL_REPOSITORY) rewrite the Triton
 model repository to serve the production version; with --triton-url (or $JAXCLF_TRITON_URL) the
@@ -124,7 +127,7 @@ def _serving_target(args) -> tuple[str | None, str | None]:
 def _sync(args, reg, out: dict[str, Any]) -> None:
   repo, url = _serving_target(args)
   if repo and out.get("stage") == "production":
-    from jaxclf.registry.deploy import sync_serving
+    from jaxclf.deploy.sync import sync_serving
     out["serving"] = sync_serving(reg, args.name, repo, triton_url=url,
                                   serving_name=args.serving_name)
 
@@ -152,10 +155,35 @@ def _deploy(args) -> int:
     print("jaxclf: error: registry deploy needs --model-repository (or $JAXCLF_MODEL_REPOSITORY)",
           file=sys.stderr)
     return 2
-  from jaxclf.registry.deploy import sync_serving
+  from jaxclf.deploy.sync import sync_serving
   _print(sync_serving(reg, args.name, repo, stage=args.stage, triton_url=url,
                       serving_name=args.serving_name, gpu=not args.no_gpu))
   return 0
+
+
+def _gate(args) -> int:
+  from jaxclf.deploy.gate import run_gate
+  reg = _registry(args)
+  result = run_gate(reg, args.name, args.candidate, floor=args.floor, min_delta=args.min_delta,
+                    promote_to=None if args.promote_to == "none" else args.promote_to,
+                    reason=args.reason)
+  out = result.to_dict()
+  if result.promoted:
+    _sync(args, reg, out["promoted"])
+  _print(out)
+  return 0 if result.passed else 1  # 1: refused (CI fails the job); 2: an error
+
+
+def _audit(args) -> int:
+  _print(_registry(args).events(args.name))
+  return 0
+
+
+def _dataset_changed(args) -> int:
+  from jaxclf.deploy.gate import dataset_changed
+  out = dataset_changed(_registry(args), args.name, args.manifest, stage=args.stage)
+  _print(out)
+  return 0 if out["changed"] else 1  # 0: retrain (shell-friendly `if`), 1: nothing new
 
 
 def _serving_flags(p: argparse.ArgumentParser) -> None:
@@ -223,6 +251,30 @@ def add_export_commands(subparsers) -> None:
   p.add_argument("--reason", default="")
   _serving_flags(p)
   p.set_defaults(func=_guard(_rollback))
+
+  p = rs.add_parser("gate", help="evaluation gate: promote CANDIDATE only if it beats production "
+                    "on val accuracy and clears the test-accuracy floor (exit 1 when refused)")
+  p.add_argument("name")
+  p.add_argument("candidate", help="version number or stage (e.g. staging)")
+  p.add_argument("--floor", type=float, required=True,
+                 help="minimum single-view test accuracy (the regression floor)")
+  p.add_argument("--min-delta", type=float, default=0.0,
+                 help="val accuracy the candidate must gain over production (default 0)")
+  p.add_argument("--promote-to", default="production", choices=("production", "staging", "none"))
+  p.add_argument("--reason", default="")
+  _serving_flags(p)
+  p.set_defaults(func=_guard(_gate))
+
+  p = rs.add_parser("audit", help="the audit log: every register, promote, rollback and gate event")
+  p.add_argument("name")
+  p.set_defaults(func=_guard(_audit))
+
+  p = rs.add_parser("dataset-changed", help="exit 0 if a manifest's dataset version differs from "
+                    "the one production was trained on (the retraining trigger), else 1")
+  p.add_argument("name")
+  p.add_argument("--manifest", required=True, help="manifest.json of a fresh ingest")
+  p.add_argument("--stage", default="production")
+  p.set_defaults(func=_guard(_dataset_changed))
 
   p = rs.add_parser("deploy", help="write a stage's version into a Triton model repository")
   p.add_argument("name")

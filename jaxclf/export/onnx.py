@@ -16,7 +16,7 @@ An export directory holds:
                          Its `temperature` records what the graph already applied.
   labels.txt             one class name per line, in logit order.
   reference_stats.json   what serving's drift monitor compares live traffic against, in the format
-                         of `serving.monitoring.compute_reference_stats` (version 1):
+                         of `jaxclf.data.reference_stats.compute_reference_stats` (version 1):
                            {"version": 1, "count": N,
                             "input":  {brightness|contrast|aspect|width|height: {"edges", "fractions"},
                                        "channels": {"values": [1,2,3,4], "fractions"}},
@@ -56,6 +56,10 @@ import numpy as np
 
 from jaxclf.data.decode import DecodeError, decode_image
 from jaxclf.data.transforms import PreprocessSpec, preprocess, preprocess_batch
+# The directory's file names and its integrity check are the format (jaxclf.artifacts), which the
+# registry and serving read without importing this module.
+from jaxclf.artifacts import (EXPORT_FILE, EXPORT_FORMAT, LABELS_FILE, MODEL_FILE, REFERENCE_FILE,
+                              REQUIRED_FILES, SPEC_FILE, ArtifactError, verify_export_dir)
 from jaxclf.hashing import sha256_file
 from jaxclf.tracking.run_record import accuracy_summary
 
@@ -64,11 +68,7 @@ OUTPUT_NAME = "logits"
 PARITY_BATCH_SIZES = (1, 7, 64)
 PARITY_TOLERANCE = 1e-4
 REFERENCE_IMAGES = 5000
-EXPORT_FORMAT = "jaxclf-export"
 EXPORT_FORMAT_VERSION = 1
-MODEL_FILE, SPEC_FILE, LABELS_FILE = "model.onnx", "preprocessing.json", "labels.txt"
-EXPORT_FILE, REFERENCE_FILE = "export.json", "reference_stats.json"
-REQUIRED_FILES = (MODEL_FILE, SPEC_FILE, LABELS_FILE, EXPORT_FILE)
 
 # jax2onnx 0.17.1's `remove_redundant_transpose_pairs` pass rewires ResNet residual Adds so that
 # onnxruntime rejects the graph ("node_Add_... Incompatible dimensions") although onnx.checker
@@ -287,8 +287,8 @@ def decode_records(images: Iterable[Any], spec: PreprocessSpec, *,
 
 def reference_stats(images: Sequence[np.ndarray], probs: np.ndarray, spec: PreprocessSpec, *,
                     source: str) -> dict[str, Any]:
-  # serving.monitoring owns the format (it is the reader); it imports only numpy.
-  from serving.monitoring import compute_reference_stats
+  # The format lives in a foundation module that serving reads with: export never imports serving.
+  from jaxclf.data.reference_stats import compute_reference_stats
   stats = compute_reference_stats(images, probs, list(spec.class_names))
   stats["source"] = source
   return stats
@@ -416,25 +416,11 @@ def _version(pkg: str) -> str | None:
 
 def verify_export(export_dir: str) -> dict[str, Any]:
   """Reads export.json and checks every listed artefact's sha256; raises ExportError naming the
-  first file that is missing or altered."""
-  missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(export_dir, f))]
-  if missing:
-    raise ExportError(f"{export_dir} is not a jaxclf export: missing {', '.join(missing)} "
-                      "(make one with `jaxclf export --run RUN --out DIR`)")
-  with open(os.path.join(export_dir, EXPORT_FILE)) as f:
-    meta = json.load(f)
-  if meta.get("format") != EXPORT_FORMAT:
-    raise ExportError(f"{export_dir}/{EXPORT_FILE}: format {meta.get('format')!r} is not "
-                      f"{EXPORT_FORMAT!r}")
-  for fn, want in meta.get("artifacts", {}).items():
-    path = os.path.join(export_dir, fn)
-    if not os.path.isfile(path):
-      raise ExportError(f"{path}: listed in {EXPORT_FILE} but missing")
-    got = sha256_file(path)
-    if got != want:
-      raise ExportError(f"{path}: sha256 {got[:16]}… does not match {EXPORT_FILE} "
-                        f"({want[:16]}…); the file changed after export")
-  return meta
+  first file that is missing or altered (jaxclf.artifacts.verify_export_dir does the checking)."""
+  try:
+    return verify_export_dir(export_dir)
+  except ArtifactError as e:
+    raise ExportError(str(e)) from None
 
 
 def load_spec(export_dir: str) -> PreprocessSpec:
@@ -478,6 +464,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str | int = "best",
       "metrics": run.get("metrics", {}),
       "calibration": run.get("calibration") or (run.get("metrics") or {}).get("calibration"),
       "git": run.get("git"),
+      "mlflow_run_id": (run.get("mlflow") or {}).get("run_id"),  # set when the run logged to MLflow
       "skipped_images": skipped,
   }
   model_name = str(getattr(getattr(inf.config, "model", None), "name", "") or "") or None

@@ -49,6 +49,9 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
 
+from jaxclf.hashing import sha256_file
+from jaxclf.integrity import INTEGRITY_FILE
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON_MODELS_DIR = os.path.join(REPO_ROOT, "serving", "triton_models")
 ENSEMBLE_INPUT = "image"
@@ -359,10 +362,15 @@ def prepare_update(export_dir: str, repo_dir: str, name: str, version: int,
   previous = served_version(repo_dir, name) if os.path.isdir(repo_dir) else None
   n = model_names(name)
   src = lambda f: os.path.join(export_dir, f)
+  # The classifier checks the bytes it loads against this at initialize (jaxclf/integrity.py);
+  # the hash is the one the export recorded (verified above), not one taken from the copy.
+  recorded = (meta.get("artifacts") or {}).get(MODEL_FILE) or sha256_file(src(MODEL_FILE))
+  integrity = (json.dumps({MODEL_FILE: recorded}, indent=2) + "\n").encode()
   files = {
       n["onnx"]: {"model.onnx": src(MODEL_FILE)},
       n["classifier"]: {"model.py": _python_model_source("classifier"),
-                        "model.onnx": src(MODEL_FILE), "labels.txt": src(LABELS_FILE)},
+                        "model.onnx": src(MODEL_FILE), "labels.txt": src(LABELS_FILE),
+                        INTEGRITY_FILE: integrity},
       n["preprocess"]: {"model.py": _python_model_source("preprocess"),
                         "preprocessing.json": src(SPEC_FILE)},
       n["ensemble"]: {},
@@ -420,7 +428,11 @@ def _install_version_dir(model_dir: str, version: int, files: Mapping[str, str])
   shutil.rmtree(stage, ignore_errors=True)
   os.makedirs(stage)
   for dest, path in files.items():
-    shutil.copyfile(path, os.path.join(stage, dest))
+    if isinstance(path, bytes):  # generated content (integrity.json)
+      with open(os.path.join(stage, dest), "wb") as f:
+        f.write(path)
+    else:
+      shutil.copyfile(path, os.path.join(stage, dest))
   if os.path.isdir(final):
     if _same_files(stage, final):  # re-promoting the same version: leave loaded files alone
       shutil.rmtree(stage)

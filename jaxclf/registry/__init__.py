@@ -5,7 +5,7 @@ sha256 verification on every load, and the link to what Triton serves.
   .list_versions(name) / .show(name, ref) / .promote(name, ref, stage, reason) / .rollback(name)
   .open_version(name, ref) -> verified local export dir
   resolve_model_uri("registry:NAME@stage|version") -> verified local export dir
-  deploy.sync_serving(registry, name, model_repository, triton_url=...) -> Triton serves the stage
+  (serving a stage through Triton, and the promotion gate: jaxclf.deploy, the layer above)
 """
 from jaxclf.registry.registry import (STAGES, IntegrityError, ModelVersion, Registry,
                                       RegistryError, default_root)

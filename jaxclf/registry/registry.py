@@ -31,6 +31,7 @@ import re
 import socket
 from typing import Any, Iterator
 
+from jaxclf.artifacts import ArtifactError, verify_export_dir
 from jaxclf.registry.store import Store
 from jaxclf.hashing import sha256_bytes as _sha256_bytes, sha256_file as _sha256_file
 from jaxclf.tracking.run_record import accuracy_summary
@@ -157,6 +158,18 @@ class Registry:
     event["seq"] = seq
     return event
 
+  def note(self, name: str, ref: str | int, action: str, **details: Any) -> dict[str, Any]:
+    """Appends an audited event about a version that changes no stage (who decided what, and
+    why: e.g. an evaluation gate's verdict). The registry stores it; it does not interpret it."""
+    self._require_name(name)
+    if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", action) or action in ("register", "promote",
+                                                                        "rollback"):
+      raise RegistryError(f"note action {action!r}: use a lowercase word other than register, "
+                          "promote or rollback")
+    version = self.resolve(name, ref)
+    return self._append_event(name, {**details, "action": action, "version": version,
+                                     "to_stage": None})
+
   def events(self, name: str) -> list[dict[str, Any]]:
     out = []
     for entry in self.store.listdir(self.store.path(name, "events")):
@@ -173,6 +186,8 @@ class Registry:
     stages: dict[int, str] = {}
     history: list[dict[str, Any]] = []
     for ev in events if events is not None else self.events(name):
+      if ev.get("to_stage") is None:
+        continue  # a note (e.g. a gate decision): audited, changes no stage
       v, to = int(ev["version"]), ev["to_stage"]
       changes = [(v, stages.get(v), to)]
       if to in SINGLE_HOLDER_STAGES:
@@ -191,12 +206,11 @@ class Registry:
                stage: str = "experimental", reason: str = "",
                metrics: dict[str, Any] | None = None) -> ModelVersion:
     """Copies a verified export directory into the registry as the next version of `name`."""
-    from jaxclf.export.onnx import ExportError, verify_export
     self._check_name(name)
     self._check_stage(stage)
     try:
-      export = verify_export(export_dir)
-    except ExportError as e:
+      export = verify_export_dir(export_dir)
+    except ArtifactError as e:
       raise RegistryError(f"refusing to register {export_dir}: {e}") from None
     files = sorted(f for f in os.listdir(export_dir)
                    if not f.startswith(".") and os.path.isfile(os.path.join(export_dir, f))
@@ -214,7 +228,8 @@ class Registry:
         "name": name, "version": version, "created": _now(), "created_by": _user(),
         "description": description,
         "source": {k: source.get(k) for k in ("run_dir", "run_name", "checkpoint",
-                                               "checkpoint_step", "git") if k in source},
+                                               "checkpoint_step", "git", "mlflow_run_id")
+                   if k in source},
         "config": source.get("config"),
         "dataset_version": source.get("dataset_version") or _dig(source, "dataset", "version"),
         "metrics": metrics_record,

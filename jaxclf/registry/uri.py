@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 
+from jaxclf.artifacts import ArtifactError, verify_export_dir
 from jaxclf.registry.registry import Registry, RegistryError
 
 PREFIX = "registry:"
@@ -34,13 +35,12 @@ def parse_model_uri(uri: str) -> tuple[str, str, str | None]:
 
 def resolve_model_uri(uri: str, *, root: str | None = None) -> str:
   if not uri.startswith(PREFIX):
-    from jaxclf.export.onnx import ExportError, verify_export
     if not os.path.isdir(uri):
       raise RegistryError(f"model {uri!r}: neither a registry URI (registry:NAME@stage|version) "
                           "nor an export directory")
     try:
-      verify_export(uri)
-    except ExportError as e:
+      verify_export_dir(uri)
+    except ArtifactError as e:
       raise RegistryError(str(e)) from None
     return uri
   name, ref, uri_root = parse_model_uri(uri)

@@ -120,8 +120,13 @@ def evaluate_split(state, split, spec, config, eval_steps, data_sharding, failur
   return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains, evaluates on the held-out test split with the best checkpoint, returns run.json."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       epoch_callback=None) -> dict[str, Any]:
+  """Trains, evaluates on the held-out test split with the best checkpoint, returns run.json.
+
+  `epoch_callback(entry)`, if given, runs after each validation with that epoch's history entry
+  (epoch, step, val_loss, val_accuracy, train_loss: validation only, never test). A truthy return
+  stops the run with that string as its status (a sweep's pruner returns "pruned")."""
   validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -299,6 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(state, {**meta, "iter_state": None})
         record.update(metrics={"val": meta["best"]["val"] if meta["best"] else None},
                       history=meta["history"])
+        stop = epoch_callback(dict(meta["history"][-1])) if epoch_callback else None
+        if stop:
+          status = str(stop)
+          break
         if es.patience and meta["bad_epochs"] >= es.patience:
           progress.write(f"early stopping: {es.metric} has not improved by {es.min_delta} "
                          f"for {es.patience} epochs (best {meta['best']['value']:.4f} at epoch "
@@ -330,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     write_report(dataset, os.path.join(workdir, "data_report.json"))
   writer.close()
   ckpt.close()
-  final_status = status if step >= total_steps or status == "early_stopped" else "stopped"
+  final_status = status if step >= total_steps or status != "completed" else "stopped"
   record.finish(final_status, metrics=result_metrics, best=meta["best"] and {
       k: meta["best"][k] for k in ("step", "epoch", "metric", "value")},
                 final_step=step, history=meta["history"],

@@ -7,6 +7,8 @@ from typing import Callable
 import jax
 import optax
 
+from jaxclf.config.names import OPTIMIZER_NAMES, check_table
+
 
 def _kernel_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -28,6 +30,7 @@ def _adamw(c, lr):
 
 
 OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+check_table("optimizer", OPTIMIZERS, OPTIMIZER_NAMES)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:

@@ -58,6 +58,12 @@ class MetricWriter:
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     from tensorboard.plugins.hparams import summary_v2 as hp
     clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+    # The experiment summary declares the val metrics as the HParams metrics, so the dashboard
+    # over a sweep directory shows every trial against validation (never test).
+    self._add(hp.hparams_config_pb(
+        hparams=[hp.HParam(k) for k in clean],
+        metrics=[hp.Metric("val/accuracy", display_name="val accuracy"),
+                 hp.Metric("val/loss", display_name="val loss")]), 0)
     self._add(hp.hparams_pb(clean), 0)
 
   def flush(self) -> None:

@@ -8,8 +8,10 @@ Input `images` float32 [N, H, W, C] (preprocessed). Outputs, each computed only 
 concatenated into one onnxruntime call and split back. The graph's logits already include the
 run's temperature scaling (export bakes logits / T in), so `probabilities` is their plain softmax.
 
-Files in the version directory: model.onnx, labels.txt. Config parameters: top_k,
-intra_op_threads (0 = onnxruntime's default).
+Files in the version directory: model.onnx, labels.txt, integrity.json (the sha256 the export
+recorded for model.onnx). At initialize model.onnx is read once, hashed and compared with it, and
+those same bytes go to onnxruntime: a tampered copy fails to load, naming the file.
+Config parameters: top_k, intra_op_threads (0 = onnxruntime's default).
 """
 import json
 import os
@@ -17,6 +19,8 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from jaxclf.integrity import read_verified
 
 OUTPUTS = ("logits", "probabilities", "top_scores", "top_indices", "top_labels")
 
@@ -35,8 +39,9 @@ class TritonPythonModel:
     if threads:
       opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    self.session = ort.InferenceSession(os.path.join(version_dir, "model.onnx"), opts,
-                                        providers=["CPUExecutionProvider"])
+    # Raises IntegrityError naming the file: Triton marks the model UNAVAILABLE with that reason.
+    model_bytes, _ = read_verified(os.path.join(version_dir, "model.onnx"))
+    self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     with open(os.path.join(version_dir, "labels.txt"), encoding="utf-8") as f:
       self.labels = np.array([line.rstrip("\n").encode() for line in f if line.strip()],
                              dtype=object)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxclf.registry.registry import Registry
+from jaxclf.registry import Registry
 
 
 def sync_serving(registry: Registry, name: str, repo_dir: str, *, stage: str = "production",

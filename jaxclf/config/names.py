@@ -1,0 +1,36 @@
+"""Name registries: the names a config may use for optimizers, schedules and built-in models.
+
+They live here, in the foundation, so that config validation (and search-space validation in
+jaxclf/sweeps) checks names without importing the trainer or building any model. The trainer's
+tables (train/optimizers.OPTIMIZERS, train/schedules.SCHEDULES) check themselves against these at
+import, and tests/test_config.py::test_name_registries_match_the_implementations checks the model
+names and arguments against models/registry, so a name added in one place and forgotten in the
+other fails loudly.
+"""
+from __future__ import annotations
+
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+SCHEDULE_NAMES = ("constant", "exponential", "one_cycle", "plateau", "step", "warmup_cosine")
+
+_CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers")
+_VGG = ("conv_impl", "dropout", "dtype", "layers", "width")
+_RESNET = ("act", "block_cls", "conv_impl", "dropout", "dtype", "num_filters", "stage_sizes", "stem")
+_EFFICIENTNET = ("bn_momentum", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",
+                 "head_features", "lite", "se_ratio", "stages", "stem_features",
+                 "width_coefficient")
+
+# Built-in model name -> the constructor arguments `model.kwargs` may set (num_classes aside).
+MODEL_ARGS: dict[str, tuple[str, ...]] = {
+    "cnn": _CNN, "cnn_tiny": _CNN,
+    "vgg11": _VGG, "vgg16": _VGG, "vgg_tiny": _VGG,
+    "resnet18": _RESNET, "resnet34": _RESNET, "resnet50": _RESNET, "resnet_tiny": _RESNET,
+    "efficientnet_b0": _EFFICIENTNET, "efficientnet_lite0": _EFFICIENTNET,
+    "efficientnet_tiny": _EFFICIENTNET,
+}
+
+
+def check_table(kind: str, implemented, names) -> None:
+  """Called by the trainer's tables at import: they must implement exactly the registered names."""
+  if set(implemented) != set(names):
+    raise RuntimeError(f"{kind} table {sorted(implemented)} differs from the name registry "
+                       f"jaxclf/config/names.py {sorted(names)}: update both together")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds .venv-mlflow: the MLflow tracking server (`mlflow server`), apart from .venv because the
+# full mlflow package pins pyarrow<26 while the training lock has pyarrow 26. Training talks to it
+# over HTTP through mlflow-skinny (in .venv).
+#
+#   scripts/setup_mlflow_env.sh [VENV_DIR]        (default: <repo>/.venv-mlflow; idempotent)
+#   .venv-mlflow/bin/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns.db
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-$REPO/.venv-mlflow}"
+bash "$REPO/scripts/pinned_venv.sh" "$VENV" "$REPO/requirements/mlflow-server.txt" \
+  "$VENV/bin/mlflow" --version
+echo "mlflow env: $VENV ($("$VENV/bin/mlflow" --version))"

@@ -1,0 +1,45 @@
+"""POST /v1/admin/reload: hot-swap the served model. The admin token was checked by the middleware
+(serving/auth.py) before the body was read; requests in flight finish on the old model."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from serving import schemas
+from serving.api_docs import ERROR_RESPONSES
+from serving.backends import ModelLoadError
+from serving.context import Gateway
+from serving.errors import ApiError
+from serving.lifecycle import build_model, retire
+
+log = logging.getLogger("jaxclf.serving")
+
+
+def create_admin_router(gw: Gateway) -> APIRouter:
+  router = APIRouter(tags=["admin"])
+
+  @router.post("/v1/admin/reload", response_model=schemas.ReloadResponse,
+               openapi_extra={"security": [{"AdminToken": []}]},
+               summary="Hot-swap the served model (admin token required)",
+               responses={**ERROR_RESPONSES, 403: {"model": schemas.ErrorResponse}})
+  async def admin_reload(body: schemas.ReloadRequest):
+    async with gw.holder.reload_lock:
+      t0 = time.perf_counter()
+      try:
+        model = await run_in_threadpool(build_model, gw.settings, body.model_path, gw.on_batch)
+      except (ModelLoadError, FileNotFoundError) as e:
+        gw.metrics.reloads.labels("failed").inc()
+        raise ApiError(422, "model_load_failed", str(e), "model_path") from None
+      previous = gw.install(model)
+      gw.metrics.reloads.labels("ok").inc()
+      if previous is not None:
+        asyncio.get_running_loop().create_task(retire(previous))
+      log.info("model reloaded: %s -> %s", previous.ref() if previous else None, model.ref())
+      return {"previous": previous.ref() if previous else model.ref(), "current": model.ref(),
+              "load_seconds": round(time.perf_counter() - t0, 3)}
+
+  return router
