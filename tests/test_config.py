@@ -121,3 +121,14 @@ def test_one_cycle_cos_follows_pytorch_one_cycle_lr():
   assert float(lr(1000)) < 1e-5
   c.schedule.anneal = "linear"
   assert abs(float(create_learning_rate_fn(c, 10, 1000)(125)) - (initial + peak) / 2) < 1e-4
+
+
+def test_other_components_jaxclf_variables_are_not_config_overrides(repo_root):
+  """JAXCLF_REGISTRY, JAXCLF_SERVE_*, JAXCLF_ONEDNN* ... in a training process's environment are
+  left to their components; SECTION__KEY names and top-level keys still override (and a misspelt
+  SECTION__KEY still fails, test above)."""
+  from jaxclf.config import load_config
+  c = load_config(f"{repo_root}/configs/cnn.py", environ={
+      "JAXCLF_REGISTRY": "/tmp/reg", "JAXCLF_SERVE_API_KEY": "k", "JAXCLF_ONEDNN": "0",
+      "JAXCLF_LOGLEVEL": "debug", "JAXCLF_SEED": "5", "JAXCLF_TRAIN__NUM_EPOCHS": "2"})
+  assert (c.seed, c.train.num_epochs) == (5, 2)

@@ -149,7 +149,7 @@ def test_compose_and_k8s_use_the_variable_names_the_code_reads():
   compose = yaml.safe_load(texts["compose.yaml"])
   env = compose["services"]["gateway"]["environment"]
   assert env["JAXCLF_SERVE_MODEL_PATH"].startswith("registry:") and env["JAXCLF_REGISTRY"]
-  # Training reads every JAXCLF_* but JAXCLF_CACHE as a config override: none may reach it.
+  # Training reads JAXCLF_SECTION__KEY (and top-level keys) as config overrides: none may reach it.
   from jaxclf.config.loading import env_overrides
   train_env = yaml.safe_load((K8S / "jobs/kustomization.yaml").read_text())["configMapGenerator"][0]
   literals = dict(l.split("=", 1) for l in train_env["literals"])

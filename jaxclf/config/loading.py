@@ -98,11 +98,19 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None
   node[key] = coerce(node[key], value, dotted)
 
 
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+def env_overrides(environ: Mapping[str, str], top_level: Iterable[str] = ()
+                  ) -> list[tuple[str, str]]:
+  """(dotted key, value) for each JAXCLF_* variable that addresses the config: a `SECTION__KEY`
+  name (a misspelt one too, so that it fails with a did-you-mean), or a top-level key such as
+  JAXCLF_SEED. Other JAXCLF_* names belong to other components (JAXCLF_REGISTRY, JAXCLF_SERVE_*,
+  JAXCLF_ONEDNN*, JAXCLF_LOGLEVEL, ...) and are not config overrides."""
+  top = {k.lower() for k in top_level}
   out = []
   for name, value in sorted(environ.items()):
-    if name.startswith(ENV_PREFIX) and name not in ("JAXCLF_CACHE",):
-      dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+    if not name.startswith(ENV_PREFIX) or name == "JAXCLF_CACHE":
+      continue
+    dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+    if "." in dotted or dotted in top:
       out.append((dotted, value))
   return out
 
@@ -112,7 +120,8 @@ def load_config(spec: str, overrides: Iterable[str] = (), environ: Mapping[str, 
   """The one entry point used by `python -m jaxclf.main`, `jaxclf train` and the sweep runner."""
   config = load_file(spec)
   environ = os.environ if environ is None else environ
-  for dotted, value in env_overrides(environ):
+  top_level = [k for k, v in config.items() if not isinstance(v, ml_collections.ConfigDict)]
+  for dotted, value in env_overrides(environ, top_level):
     try:
       set_dotted(config, dotted, value)
     except ConfigError as e:
