@@ -7,6 +7,8 @@ side by side in one invocation. Prints JSON.
                                                   # the conv levers, each beside PyTorch, one run
   .venv/bin/python bench/train.py --case cnn_default --conv-impl onednn_conv_only --conv-impl onednn
                                                   # BatchNorm + pooling on oneDNN, before / after
+  .venv/bin/python bench/train.py --conv-impl onednn_system_malloc --conv-impl onednn
+                                                  # freed host memory kept mapped, before / after
 
 Each measurement runs in its own subprocess (no thread pools shared between frameworks), on
 synthetic data of the real shape, after warm-up (compilation excluded), with the optimizer and
@@ -52,6 +54,9 @@ CASES = {
 
 
 def run_jax(case: str, steps: int, warmup: int, conv_impl: str = "auto") -> dict:
+  sys.path.insert(0, ROOT)
+  from jaxclf.ops.host_memory import reuse_freed_memory
+  host_malloc = reuse_freed_memory()  # as every jaxclf command does, before JAX's threads start
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -91,7 +96,7 @@ def run_jax(case: str, steps: int, warmup: int, conv_impl: str = "auto") -> dict
   dt = time.time() - t
   return {"images_per_sec": steps * batch / dt, "step_ms": 1000 * dt / steps,
           "compile_s": compile_s, "params": count_params(state.params), "batch": batch,
-          "conv_impl": conv_impl}
+          "conv_impl": conv_impl, "host_malloc": host_malloc["mode"]}
 
 
 def run_torch(case: str, steps: int, warmup: int) -> dict:
@@ -118,7 +123,9 @@ def run_torch(case: str, steps: int, warmup: int) -> dict:
 
 
 # Lever sets besides the conv impls: name -> (conv impl, extra env of the child).
-LEVER_SETS = {"onednn_conv_only": ("onednn", {"JAXCLF_ONEDNN_NORM_POOL": "0"})}
+LEVER_SETS = {"onednn_conv_only": ("onednn", {"JAXCLF_ONEDNN_NORM_POOL": "0"}),
+              # the step's scratch buffer page-faulted in afresh every step (ops/host_memory.py)
+              "onednn_system_malloc": ("onednn", {"JAXCLF_HOST_MALLOC": "system"})}
 
 
 def _child(framework, case, steps, warmup, conv_impl="auto") -> dict:
@@ -138,7 +145,8 @@ def _summary(runs):
   return {"images_per_sec_mean": round(statistics.mean(vals), 1),
           "images_per_sec_std": round(statistics.stdev(vals), 1) if len(vals) > 1 else 0.0,
           "runs": [round(v, 1) for v in vals],
-          **{k: runs[0][k] for k in ("params", "batch", "torch", "conv_impl") if k in runs[0]},
+          **{k: runs[0][k] for k in ("params", "batch", "torch", "conv_impl", "host_malloc")
+             if k in runs[0]},
           "compile_s": round(runs[0].get("compile_s", 0), 2)}
 
 

@@ -34,6 +34,8 @@ def _user_error_types():
 
 
 def run_training(config_spec: str, workdir: str, overrides=()) -> int:
+  from jaxclf.ops.host_memory import reuse_freed_memory
+  reuse_freed_memory()  # a no-op when `main` already did it
   from jaxclf.config import load_config
   from jaxclf.sweeps.tracked import train_tracked  # train_and_evaluate + optional MLflow
   try:
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  from jaxclf.ops.host_memory import reuse_freed_memory
+  reuse_freed_memory()  # before any JAX thread allocates: see jaxclf/ops/host_memory.py
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--config.a.b=v` works for `jaxclf train` as it does for `python -m jaxclf.main`.
   config_overrides = [a for a in argv if a.startswith("--config.")]

@@ -27,6 +27,8 @@ def _parse(argv):
 
 def main(argv):
   del argv
+  from jaxclf.ops.host_memory import reuse_freed_memory
+  reuse_freed_memory()  # before the JAX backend's threads allocate (jaxclf/ops/host_memory.py)
   from jaxclf.cli import run_training  # one code path for `python -m jaxclf.main` and `jaxclf train`
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")

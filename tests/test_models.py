@@ -80,3 +80,27 @@ def test_custom_model_by_import_path():
 def test_unknown_model_suggests():
   with pytest.raises(ValueError, match="Did you mean 'resnet18'"):
     create_model("resnet81", 10)
+
+
+def test_cnn_torch_init_matches_pytorch_default_bounds():
+  """weight_init="torch" draws every kernel from U(+-1/sqrt(fan_in)), PyTorch's Conv2d/Linear default;
+  the paths and shapes are those of the lecun init, so checkpoints do not care which ran."""
+  layers = (32, "M", 64, "M")
+  variables = {}
+  for init in ("lecun", "torch"):
+    model = create_model("cnn", 10, layers=layers, weight_init=init)
+    variables[init] = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  assert jax.tree.structure(variables["lecun"]) == jax.tree.structure(variables["torch"])
+  kernels = {"/".join(str(k.key) for k in path): leaf for path, leaf
+             in jax.tree_util.tree_leaves_with_path(variables["torch"]["params"])
+             if path[-1].key == "kernel"}
+  assert len(kernels) == 3  # two convs and the classifier
+  for name, k in kernels.items():
+    fan_in = int(np.prod(k.shape[:-1]))
+    bound = 1 / np.sqrt(fan_in)
+    assert np.abs(k).max() <= bound, name
+    # a uniform draw on +-bound has std bound/sqrt(3); thousands of samples pin it to a few %
+    assert abs(float(np.std(k)) / (bound / np.sqrt(3)) - 1) < 0.1, name
+  with pytest.raises(ValueError, match="model.kwargs.weight_init"):
+    create_model("cnn", 10, layers=layers, weight_init="xavier").init(
+        jax.random.key(0), jnp.zeros((1, 28, 28, 1)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 SCHEDULE_NAMES = ("constant", "exponential", "one_cycle", "plateau", "step", "warmup_cosine")
 
-_CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers")
+_CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers", "weight_init")
 _VGG = ("conv_impl", "dropout", "dtype", "layers", "width")
 _RESNET = ("act", "block_cls", "conv_impl", "dropout", "dtype", "num_filters", "stage_sizes", "stem")
 _EFFICIENTNET = ("bn_momentum", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",

@@ -66,12 +66,12 @@ class StemConv(nn.Module):
   kernel_size: int = 3
   dtype: Any = jnp.float32
   impl: str = "xla"  # 'onednn' (when built) runs oneDNN's conv, faster still; else patches
+  kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x):
     k, cin = self.kernel_size, x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, cin, self.features),
-                        jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
     if resolve_conv_impl(self.impl) == "onednn" and self.dtype == jnp.float32:
       return conv2d(x.astype(jnp.float32), kernel, impl="onednn")
     b, h, w, _ = x.shape
