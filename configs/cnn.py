@@ -26,6 +26,9 @@ def get_config(arg: str | None = None):
   # the convolution gradients run on oneDNN (model.conv_impl=auto) and augmentation runs inside
   # the jitted step (data.on_device=auto).
   c.model.kwargs.layers = (32, 32, "M", 64, 64, "M", 128, "M")
+  # PyTorch's default init (U(+-1/sqrt(fan_in))), as the anchor has it; seed 0: test 93.02% / val
+  # 93.07% against 92.96% / 92.87% with flax's lecun_normal (see jaxclf/models/cnn.py for why).
+  c.model.kwargs.weight_init = "torch"
   c.train.batch_size = 256
   c.train.num_epochs = 10
   c.optimizer.name = "sgd"
