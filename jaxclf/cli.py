@@ -77,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# Commands whose time goes into XLA CPU executions (large per-call scratch): they keep freed host
+# memory mapped (jaxclf/ops/host_memory.py). The servers are left on glibc's defaults: their many
+# request threads would all share one arena.
+_JAX_COMPUTE_COMMANDS = ("train", "sweep", "evaluate", "export")
+
+
 def main(argv=None) -> int:
-  from jaxclf.ops.host_memory import reuse_freed_memory
-  reuse_freed_memory()  # before any JAX thread allocates: see jaxclf/ops/host_memory.py
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--config.a.b=v` works for `jaxclf train` as it does for `python -m jaxclf.main`.
   config_overrides = [a for a in argv if a.startswith("--config.")]
@@ -90,6 +94,9 @@ def main(argv=None) -> int:
   absl_logging.set_verbosity(absl_logging.WARNING)
   args = build_parser().parse_args(argv)
   args.config_overrides = config_overrides
+  if args.command in _JAX_COMPUTE_COMMANDS:  # before the JAX backend starts its threads
+    from jaxclf.ops.host_memory import reuse_freed_memory
+    reuse_freed_memory()
   try:
     return int(args.func(args) or 0)
   except _user_error_types() as e:

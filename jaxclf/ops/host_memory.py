@@ -16,7 +16,9 @@ scanned, about 6,000 (mostly small outputs) otherwise. Resident memory stays nea
 (about +240 MB for the default CNN) instead of dropping between steps; that is the trade.
 
 It must run before the JAX backend starts its threads (a thread that has already taken an arena
-keeps it), so `jaxclf` calls it first thing in every command; calling it again is a no-op.
+keeps it), so `jaxclf train|sweep|evaluate|export` and `python -m jaxclf.main` call it before
+anything else; calling it again is a no-op. The servers (`jaxclf serve`) do not: their request
+threads would contend for the one arena, and their inference runs in onnxruntime, not XLA.
 `JAXCLF_HOST_MALLOC=system` turns it off, and so does the user's own glibc setting
 (`MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` with malloc tunables), which is left alone. Not glibc
 (musl, macOS): nothing to do, and it says so. jax-free: the serving and Beam environments can
