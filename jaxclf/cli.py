@@ -35,7 +35,7 @@ def _user_error_types():
 
 def run_training(config_spec: str, workdir: str, overrides=()) -> int:
   from jaxclf.ops.host_memory import reuse_freed_memory
-  reuse_freed_memory()  # a no-op when `main` already did it
+  reuse_freed_memory()  # before the JAX backend starts its threads; a no-op the second time
   from jaxclf.config import load_config
   from jaxclf.sweeps.tracked import train_tracked  # train_and_evaluate + optional MLflow
   try:
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose time goes into XLA CPU executions (large per-call scratch): they keep freed host
 # memory mapped (jaxclf/ops/host_memory.py). The servers are left on glibc's defaults: their many
 # request threads would all share one arena.
-_JAX_COMPUTE_COMMANDS = ("train", "sweep", "evaluate", "export")
+# (`train` sets it up in run_training, the path `python -m jaxclf.main` shares.)
+_JAX_COMPUTE_COMMANDS = ("sweep", "evaluate", "export")
 
 
 def main(argv=None) -> int:

@@ -27,9 +27,9 @@ def _parse(argv):
 
 def main(argv):
   del argv
-  from jaxclf.ops.host_memory import reuse_freed_memory
-  reuse_freed_memory()  # before the JAX backend's threads allocate (jaxclf/ops/host_memory.py)
-  from jaxclf.cli import run_training  # one code path for `python -m jaxclf.main` and `jaxclf train`
+  # One code path for `python -m jaxclf.main` and `jaxclf train`; run_training sets up host memory
+  # (jaxclf/ops/host_memory.py) before anything starts the JAX backend.
+  from jaxclf.cli import run_training
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   import logging as pylogging

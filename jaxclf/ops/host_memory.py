@@ -4,7 +4,7 @@ Why: XLA's CPU runtime allocates each execution's temporary buffer (all of a tra
 activations at once: 154 MB for configs/cnn.py at batch 256) from one of its worker threads and
 frees it when the step ends. glibc serves a block that large with a fresh mmap and returns it with
 munmap, and a thread's own arena falls back to mmap for it whatever the thresholds say. So every
-step touched 37,600 new pages (`bench/train.py` case `host_malloc`): the kernel zeroes each one, and
+step touched 37,600 new pages (`bench/train.py --conv-impl onednn_system_malloc` is the before): the kernel zeroes each one, and
 on 2 cores that cost 17-20% of the step (339 vs 422 ms, 325 vs 388 ms, alternating processes).
 Scanning steps inside one dispatch hid it (one scratch block per scan), which is how it was found.
 
