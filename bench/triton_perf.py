@@ -4,6 +4,7 @@ beside an in-process baseline (decode + preprocess + onnxruntime, no server) in 
   .venv/bin/python bench/triton_perf.py [--export DIR | --model-uri registry:NAME@production]
                                         [--concurrency 1 4 16] [--protocols http grpc]
                                         [--interval-ms 3000] [--out bench/results/triton_perf.json]
+                                        [--classifier]   # + NAME alone, perf_analyzer's random data
 
 Without --export it exports a freshly initialised `--model` (default `cnn`, the default
 architecture; weights do not change the compute), so the run needs only the Fashion-MNIST files. Goals on the 2-core
@@ -73,19 +74,25 @@ def parse_csv(path: str) -> list[dict[str, Any]]:
   return out
 
 
-def run_perf_analyzer(env, model: str, url: str, protocol: str, concurrency: int, data_path: str,
-                      interval_ms: int, workdir: str) -> dict[str, Any]:
-  """One concurrency level. perf_analyzer refuses to report when consecutive windows differ by
-  more than the stability threshold; on a shared 2-core machine that happens, so a failed run is
-  retried once with a looser threshold, and the row says which threshold it met."""
-  for stability in (15, 50):
+def run_perf_analyzer(env, model: str, url: str, protocol: str, concurrency: int,
+                      data_path: str | None, interval_ms: int, workdir: str, *,
+                      max_trials: int = 6, stabilities: Sequence[int] = (15, 50),
+                      timeout_s: float = 300) -> dict[str, Any]:
+  """One concurrency level. `data_path` None: perf_analyzer makes its own random data from the
+  model's metadata (works for a model with Triton's standard FP32 image input, `NAME`).
+  perf_analyzer refuses to report when consecutive windows differ by more than the stability
+  threshold; on a shared 2-core machine that happens, so a failed run is retried with a looser
+  threshold, and the row says which threshold it met."""
+  for stability in stabilities:
     csv_path = os.path.join(workdir, f"{model}-{protocol}-c{concurrency}-s{stability}.csv")
     cmd = [env.perf_analyzer, "-m", model, "-u", url, "-i", protocol, "-b", "1",
-           "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", data_path,
-           "-p", str(interval_ms), "-r", "6", "-s", str(stability), "-f", csv_path]
-    r = subprocess.run(cmd, env=env.environ(), capture_output=True, text=True, timeout=300)
+           "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--input-data", data_path or "random", "-p", str(interval_ms), "-r", str(max_trials),
+           "-s", str(stability), "-f", csv_path]
+    r = subprocess.run(cmd, env=env.environ(), capture_output=True, text=True, timeout=timeout_s)
     if r.returncode == 0 and os.path.exists(csv_path):
-      return {**parse_csv(csv_path)[0], "stability_pct": stability}
+      return {**parse_csv(csv_path)[0], "stability_pct": stability,
+              "input_data": "random" if data_path is None else "file"}
   return {"concurrency": concurrency, "error": (r.stdout + r.stderr)[-800:]}
 
 
@@ -163,6 +170,10 @@ def bench(args) -> dict[str, Any]:
       result["triton"][protocol] = [
           run_perf_analyzer(env, f"{args.name}_image", url, protocol, c, data_path,
                             args.interval_ms, work) for c in args.concurrency]
+      if args.classifier:  # the standard-interface model alone, on perf_analyzer's random data
+        result.setdefault("classifier", {"model": args.name, "input_data": "random"})[protocol] = [
+            run_perf_analyzer(env, args.name, url, protocol, c, None, args.interval_ms, work)
+            for c in args.concurrency]
   result["machine"]["load_average_after"] = os.getloadavg()
   goals = {}
   for protocol, rows in result["triton"].items():
@@ -194,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--intra-op-threads", type=int, default=1,
                  help="onnxruntime threads in the classifier (0: onnxruntime's default)")
   p.add_argument("--model", default="cnn", help="architecture to export when --export is not given")
+  p.add_argument("--classifier", action="store_true",
+                 help="also run perf_analyzer against NAME (raw-pixel FP32 input) on random data")
   p.add_argument("--out", help="also write the JSON here")
   args = p.parse_args(argv)
   if args.cmd == "make-data":

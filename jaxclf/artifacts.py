@@ -5,7 +5,9 @@ serving load them. All of them agree on the file names below and on one integrit
 format lives here, in a foundation module (stdlib only: the serving image and the Triton python
 backend import it without jax or onnx), and the registry never imports the exporter.
 
-  model.onnx, preprocessing.json, labels.txt, export.json (+ reference_stats.json, optional)
+  model.onnx, preprocessing.json, labels.txt, export.json (+ reference_stats.json, optional;
+  + model_raw.onnx: the same graph behind a normalisation node, raw 0-255 pixels in, for Triton's
+  standard image interface; exports made before it existed lack it)
   export.json: {"format": "jaxclf-export", "artifacts": {file: sha256}, ...}, written last.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jaxclf.hashing import sha256_file
 EXPORT_FORMAT = "jaxclf-export"
 MODEL_FILE, SPEC_FILE, LABELS_FILE = "model.onnx", "preprocessing.json", "labels.txt"
 EXPORT_FILE, REFERENCE_FILE = "export.json", "reference_stats.json"
+RAW_MODEL_FILE = "model_raw.onnx"
 REQUIRED_FILES = (MODEL_FILE, SPEC_FILE, LABELS_FILE, EXPORT_FILE)
 
 

@@ -50,8 +50,8 @@ def test_export_directory_holds_the_contract_files(cnn_export):
   from jaxclf.export.onnx import sha256_file, verify_export
   result, _, _, spec, _ = cnn_export
   d = result.out_dir
-  assert sorted(os.listdir(d)) == ["export.json", "labels.txt", "model.onnx", "preprocessing.json",
-                                   "reference_stats.json"]
+  assert sorted(os.listdir(d)) == ["export.json", "labels.txt", "model.onnx", "model_raw.onnx",
+                                   "preprocessing.json", "reference_stats.json"]
   assert PreprocessSpec.from_json(open(os.path.join(d, "preprocessing.json")).read()) == spec
   assert open(os.path.join(d, "labels.txt")).read().splitlines() == list(spec.class_names)
   meta = verify_export(d)
@@ -127,6 +127,92 @@ def test_temperature_is_applied_once_inside_a_standard_graph(cnn_export, tmp_pat
   assert ts["ece_after"] == pytest.approx(
       M.top1_calibration(y, M.softmax(raw_eval / TEMPERATURE))["ece"], abs=1e-5)
   assert "ECE before calibration" in open(ev.report_path).read()
+
+
+def test_raw_pixel_graph_is_the_model_behind_a_normalisation_node(cnn_export, tmp_path):
+  """model_raw.onnx (what Triton's NAME / NAME_onnx load): input `pixels` raw 0-255, first nodes
+  Sub mean / Mul scale with transforms' own constants, then model.onnx's nodes unchanged. On real
+  test images at batch sizes the export did not use, raw graph(pixels) equals model.onnx(
+  normalize(pixels)) within float32 rounding and JAX / T within the export tolerance. Both files
+  are hashed in export.json and a changed byte in either is refused on load."""
+  import shutil
+
+  import onnx
+  from onnx import numpy_helper
+
+  from jaxclf.data.transforms import normalization_constants, normalize
+  from jaxclf.export.onnx import (RAW_PARITY_TOLERANCE, ExportError, ort_session, raw_pixels,
+                                  read_metadata, sha256_file, verify_export)
+  from jaxclf.integrity import IntegrityError, read_verified
+  result, model, variables, spec, arrays = cnn_export
+  d = result.out_dir
+  raw_path, norm_path = os.path.join(d, "model_raw.onnx"), os.path.join(d, "model.onnx")
+  raw, norm = onnx.load(raw_path), onnx.load(norm_path)
+  (inp,), (out,) = raw.graph.input, raw.graph.output
+  assert (inp.name, out.name) == ("pixels", "logits")
+  assert [x.dim_value for x in inp.type.tensor_type.shape.dim[1:]] == [28, 28, 1]
+  sub, mul = raw.graph.node[:2]
+  assert (sub.op_type, mul.op_type) == ("Sub", "Mul") and mul.output[0] == "images"
+  consts = {t.name: numpy_helper.to_array(t) for t in raw.graph.initializer}
+  mean, scale = normalization_constants(spec)
+  np.testing.assert_array_equal(consts[sub.input[1]], mean)
+  np.testing.assert_array_equal(consts[mul.input[1]], scale)
+  assert [n.op_type for n in raw.graph.node[2:]] == [n.op_type for n in norm.graph.node]
+  assert read_metadata(raw_path)["jaxclf.input_name"] == "pixels"
+  meta = verify_export(d)
+  assert meta["artifacts"]["model_raw.onnx"] == sha256_file(raw_path)
+  assert meta["model"]["raw_input"]["input_name"] == "pixels"
+  assert meta["model"]["raw_input"]["range"] == [0, 255]
+  recorded = meta["parity"]["raw_input"]
+  assert recorded["passed"] and recorded["batch_sizes"] == [1, 7, 64]
+  assert recorded["top1_agreement"] == 1.0 and recorded["max_abs_diff"] <= recorded["tolerance"]
+
+  images = list(arrays["test"][0][1000:1065])
+  pixels = raw_pixels(images, spec)
+  assert pixels.dtype == np.float32 and pixels.max() > 200  # really raw 0-255
+  jax_ref = np.asarray(model.apply(variables, preprocess_batch(images, spec), train=False)) / spec.temperature
+  for n in (3, 65):
+    want = ort_session(norm_path).run(["logits"], {"images": normalize(pixels[:n], spec)})[0]
+    got = ort_session(raw_path).run(["logits"], {"pixels": pixels[:n]})[0]
+    assert np.abs(got - want).max() <= RAW_PARITY_TOLERANCE * max(1.0, np.abs(want).max())
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - jax_ref[:n]).max() < 1e-4
+
+  tampered = tmp_path / "tampered"
+  shutil.copytree(d, tampered)
+  data = bytearray((tampered / "model_raw.onnx").read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  (tampered / "model_raw.onnx").write_bytes(bytes(data))
+  with pytest.raises(ExportError, match="model_raw.onnx"):
+    verify_export(str(tampered))
+  with pytest.raises(IntegrityError, match=r"model_raw.onnx: sha256 .* does not match"):
+    read_verified(str(tampered / "model_raw.onnx"))
+  assert read_verified(raw_path)[1] == meta["artifacts"]["model_raw.onnx"]
+
+
+def test_input_normalization_is_per_channel_on_the_last_axis():
+  """An RGB spec: the Sub/Mul constants broadcast over NHWC's channel axis exactly as
+  transforms.normalize does (checked on a one-node graph, so no model is needed)."""
+  import onnx
+  from onnx import TensorProto, helper
+
+  from jaxclf.data.transforms import normalize
+  from jaxclf.export.onnx import ort_session, with_input_normalization
+  spec = PreprocessSpec(image_size=(5, 4), channels=3, mean=(0.485, 0.456, 0.406),
+                        std=(0.229, 0.224, 0.225), class_names=("a", "b"))
+  graph = helper.make_graph(
+      [helper.make_node("Identity", ["images"], ["logits"])], "identity",
+      [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 5, 4, 3])],
+      [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5, 4, 3])])
+  proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+  raw = with_input_normalization(proto, spec)
+  onnx.checker.check_model(raw)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3)).astype(np.float32)
+  got = ort_session(raw.SerializeToString()).run(["logits"], {"pixels": pixels})[0]
+  np.testing.assert_allclose(got, normalize(pixels, spec), rtol=0, atol=1e-6)
+  grey = ort_session(raw.SerializeToString()).run(
+      ["logits"], {"pixels": np.full((1, 5, 4, 3), 128, np.float32)})[0]
+  assert len({round(float(grey[0, 0, 0, c]), 4) for c in range(3)}) == 3  # one constant per channel
 
 
 def test_parity_numbers_are_recorded_for_batches_1_7_64(cnn_export):

@@ -316,14 +316,16 @@ def test_triton_classifier_refuses_a_tampered_copy_at_initialize(export_dir, tmp
     pytest.fail(f"{e}: run scripts/setup_serving_env.sh", pytrace=False)
   repo = tmp_path / "model_repository"
   write_model_repository(str(export_dir), str(repo), "fashion", 1)
+  # Triton's classifier loads the raw-pixel graph (model_raw.onnx), hashed by the export.
   recorded = json.loads((repo / "fashion" / "1" / "integrity.json").read_text())
-  assert recorded["model.onnx"] == hashlib.sha256((export_dir / "model.onnx").read_bytes()).hexdigest()
-  _flip_a_byte(repo / "fashion" / "1" / "model.onnx")
+  assert recorded["model_raw.onnx"] == hashlib.sha256(
+      (export_dir / "model_raw.onnx").read_bytes()).hexdigest()
+  _flip_a_byte(repo / "fashion" / "1" / "model_raw.onnx")
   server = TritonServer(str(repo), env=env, models=["fashion"], log_path=str(tmp_path / "t.log"))
   with pytest.raises(TritonServerError) as e:
     server.start(timeout=60)
   server.stop()
-  assert "model.onnx" in str(e.value) and "does not match" in str(e.value)
+  assert "model_raw.onnx" in str(e.value) and "does not match" in str(e.value)
 
 
 # --------------------------------------------------------------------------- hot reload

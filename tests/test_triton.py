@@ -111,10 +111,14 @@ def test_server_health_config_and_metrics(served):
   cfg = json.load(urllib.request.urlopen(f"http://{s.http_url}/v2/models/fashion_image/config"))
   assert cfg["platform"] == "ensemble" and cfg["max_batch_size"] == 64
   assert [st["model_name"] for st in cfg["ensemble_scheduling"]["step"]] == [
-      "fashion_preprocess", "fashion"]
+      "fashion_preprocess", "fashion", "fashion_postprocess"]
   cls = json.load(urllib.request.urlopen(f"http://{s.http_url}/v2/models/fashion/config"))
   assert cls["backend"] == "python" and "dynamic_batching" in cls
-  assert cls["input"][0]["dims"] == [28, 28, 1]
+  # Triton's standard image interface: one NHWC FP32 input, one FP32 output with labels.
+  (inp,), (out,) = cls["input"], cls["output"]
+  assert (inp["name"], inp["dims"], inp["format"], inp["data_type"]) == (
+      "pixels", [28, 28, 1], "FORMAT_NHWC", "TYPE_FP32")
+  assert (out["name"], out["dims"], out["label_filename"]) == ("logits", [10], "labels.txt")
   # NAME_onnx is in the repository for GPU servers but cannot load here (no onnxruntime backend).
   index = {e["name"]: e for e in json.loads(urllib.request.urlopen(urllib.request.Request(
       f"http://{s.http_url}/v2/repository/index", data=b"{}", method="POST")).read())}
@@ -128,7 +132,8 @@ def test_server_health_config_and_metrics(served):
 def test_repository_configs_parse_against_triton_schema(served):
   from jaxclf.export.triton import read_config, validate_repository
   configs = validate_repository(served["repo"])
-  assert set(configs) == {"fashion", "fashion_onnx", "fashion_preprocess", "fashion_image"}
+  assert set(configs) == {"fashion", "fashion_onnx", "fashion_preprocess", "fashion_postprocess",
+                          "fashion_image"}
   gpu = read_config(os.path.join(served["repo"], "fashion_onnx"))
   assert gpu.platform == "onnxruntime_onnx"
   assert list(gpu.dynamic_batching.preferred_batch_size) == [8, 16, 32, 64]
@@ -261,8 +266,15 @@ def test_promote_and_rollback_switch_the_served_version_live(served):
   assert before and set(before) == {"1"}
   assert after_2 and set(after_2) == {"2"}
   assert after_1 and set(after_1) == {"1"}
+  # After the rollback the idle v2 of each composing model is unloaded at once: an unversioned
+  # request to NAME (image_client, perf_analyzer) goes to the highest loaded version, so v2 must
+  # not be left loaded.
+  from jaxclf.export.triton import read_config, repository_index, served_version
+  ready = {(m["name"], m.get("version")) for m in repository_index(s.http_url)
+           if m.get("state") == "READY"}
+  for m in ("fashion", "fashion_preprocess", "fashion_postprocess"):
+    assert (m, "1") in ready and (m, "2") not in ready, sorted(ready)
   # The repository now holds only the served version, pinned in every config.
-  from jaxclf.export.triton import read_config, served_version
   assert served_version(served["repo"], "fashion") == 1
   for m in ("fashion", "fashion_preprocess", "fashion_image"):
     assert list(read_config(os.path.join(served["repo"], m)).version_policy.specific.versions) == [1]
@@ -277,3 +289,175 @@ def test_start_script_prints_the_server_command(served, tmp_path):
   cmd = r.stdout.strip()
   assert "--model-control-mode=explicit" in cmd and "--load-model=fashion_image" in cmd
   assert "--load-model=fashion_onnx" not in cmd
+
+
+# ----------------------------------------------------------------------------- standard interface
+
+def test_onnx_twin_has_the_standard_interface_and_loads_the_raw_graph(served):
+  """NAME_onnx cannot load here (no onnxruntime backend), so its config is held to the contract
+  by schema, it must equal NAME's interface, and the file it names must be the raw-pixel graph
+  with those very tensor names, recorded in integrity.json, computing model.onnx's logits."""
+  import hashlib
+
+  import onnx
+
+  from jaxclf.data.sources.fashion_mnist import load_arrays
+  from jaxclf.data.transforms import normalize
+  from jaxclf.export.onnx import ort_session, raw_pixels
+  from jaxclf.export.triton import check_standard_interface, read_config
+  repo = served["repo"]
+  gpu_dir, cpu_dir = os.path.join(repo, "fashion_onnx"), os.path.join(repo, "fashion")
+  gpu, cpu = read_config(gpu_dir), read_config(cpu_dir)
+  interface = check_standard_interface(gpu, "fashion_onnx", gpu_dir)
+  assert interface == check_standard_interface(cpu, "fashion", cpu_dir)
+  assert interface == {"input": "pixels", "format": "FORMAT_NHWC", "dims": [28, 28, 1],
+                       "output": "logits", "classes": 10, "label_filename": "labels.txt",
+                       "max_batch_size": 64}
+  assert gpu.model_warmup[0].inputs["pixels"].random_data
+  path = os.path.join(gpu_dir, "1", gpu.default_model_filename)
+  graph = onnx.load(path).graph
+  assert [i.name for i in graph.input] == ["pixels"] and [o.name for o in graph.output] == ["logits"]
+  assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == list(gpu.input[0].dims)
+  data = open(path, "rb").read()
+  recorded = json.load(open(os.path.join(gpu_dir, "1", "integrity.json")))
+  assert recorded[gpu.default_model_filename] == hashlib.sha256(data).hexdigest()
+  export = served["exports"][0]
+  spec = PreprocessSpec.from_json(open(os.path.join(export, "preprocessing.json")).read())
+  pixels = raw_pixels(list(load_arrays()["test"][0][300:316]), spec)
+  want = ort_session(os.path.join(export, "model.onnx")).run(["logits"], {"images": normalize(pixels, spec)})[0]
+  got = ort_session(data).run(["logits"], {"pixels": pixels})[0]
+  assert np.abs(got - want).max() < 1e-5
+
+
+def test_standard_interface_check_names_the_broken_rule(tmp_path):
+  from jaxclf.export.triton import (TritonConfigError, check_standard_interface, model_configs,
+                                    parse_pbtxt, to_pbtxt)
+  good = model_configs("m", (28, 28, 1), 10, 1)["m"]
+  parse = lambda cfg: parse_pbtxt(to_pbtxt(cfg))
+  out = good["output"][0]
+  cases = {
+      "expecting 1 input and 1 output": dict(good, output=[out, dict(out, name="probabilities")]),
+      "format FORMAT_NONE": dict(good, input=[{k: v for k, v in good["input"][0].items()
+                                                 if k != "format"}]),
+      "is TYPE_INT32": dict(good, output=[dict(out, data_type="TYPE_INT32")]),
+      "no label_filename": dict(good, output=[{k: v for k, v in out.items() if k != "label_filename"}]),
+      "expecting 3": dict(good, input=[dict(good["input"][0], dims=[784])]),
+  }
+  for why, cfg in cases.items():
+    with pytest.raises(TritonConfigError, match=why):
+      check_standard_interface(parse(cfg), "m/config.pbtxt")
+  with pytest.raises(TritonConfigError, match="labels.txt does not exist"):
+    check_standard_interface(parse(good), "m/config.pbtxt", str(tmp_path))
+  (tmp_path / "labels.txt").write_text("a\nb\n")
+  with pytest.raises(TritonConfigError, match="has 2 labels for 10 output classes"):
+    check_standard_interface(parse(good), "m/config.pbtxt", str(tmp_path))
+
+
+def _image_client(env, url, protocol, model, files, *extra):
+  return subprocess.run([env.python, "-m", "serving.triton_image_client", "--url", url,
+                         "--protocol", protocol, "--model", model, *extra, *files],
+                        capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_image_client_contract_refuses_the_ensemble(served, protocol):
+  """The contract is real: the bytes-in ensemble (3 outputs, no image format) is refused with the
+  rule, as Triton's image_client refuses it."""
+  s = served["server"]
+  r = _image_client(served["env"], s.http_url if protocol == "http" else s.grpc_url, protocol,
+                    "fashion_image", served["paths"][:1])
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "expecting 1 output, got 3" in json.loads(r.stderr)["error"]
+
+
+def test_perf_analyzer_drives_the_classifier_with_its_own_random_data(served, tmp_path):
+  """perf_analyzer needs nothing but the model's metadata for NAME: no --input-data file (short,
+  bounded run on loopback)."""
+  from bench.triton_perf import run_perf_analyzer
+  s, env = served["server"], served["env"]
+  before = urllib.request.urlopen(s.metrics_url).read().decode()
+  row = run_perf_analyzer(env, "fashion", s.grpc_url, "grpc", 2, None, 500, str(tmp_path),
+                          max_trials=4, stabilities=(50, 100), timeout_s=90)
+  assert "error" not in row, row
+  assert row["input_data"] == "random" and row["throughput_infer_per_s"] > 0
+  assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"]
+  # The served version (1 after the rollback above, which unloads the idle v2).
+  key = 'nv_inference_request_success{model="fashion",version="1"}'
+  count = lambda text: sum(float(line.split()[-1]) for line in text.splitlines()
+                           if line.startswith(key))
+  deadline = time.monotonic() + 10  # counters are live; the wait only covers a slow scrape
+  while count(urllib.request.urlopen(s.metrics_url).read().decode()) <= count(before):
+    assert time.monotonic() < deadline, "perf_analyzer's requests are not in NAME's counters"
+    time.sleep(0.5)
+
+
+# A trained model, so that "classifies correctly" means something. configs/cnn.py:tiny as it is
+# (SGD lr 0.2, 2 epochs on 512 images) diverges to about 4% test accuracy at this size; lr 0.02
+# for 4 epochs reaches about 74% (512 test images, measured), in about 25 s on 2 cores.
+TRAINED_OVERRIDES = ("train.tta_flip=false", "optimizer.learning_rate=0.02", "train.num_epochs=4")
+CLIENT_IMAGES = range(2000, 2048)  # Fashion-MNIST test images outside the tiny run's test subset
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(tmp_path_factory):
+  """The trained tiny run, exported (`export_run`, as `jaxclf export` does) and served as
+  `fashion` alone by a real tritonserver; the client images are real test PNGs."""
+  from PIL import Image
+
+  from conftest import train_tiny_run
+  from jaxclf.data.sources.fashion_mnist import load_arrays
+  from jaxclf.export.onnx import export_run
+  from jaxclf.export.triton import TritonServer, write_model_repository
+  env = _serving_env()
+  tmp = tmp_path_factory.mktemp("triton-standard")
+  record = train_tiny_run(str(tmp / "run"), list(TRAINED_OVERRIDES))
+  export = export_run(str(tmp / "run"), str(tmp / "export")).out_dir
+  write_model_repository(export, str(tmp / "repo"), "fashion", 1)
+  x, y = load_arrays()["test"]
+  paths = []
+  for i in CLIENT_IMAGES:
+    paths.append(str(tmp / f"test{i}.png"))
+    Image.fromarray(x[i, :, :, 0]).save(paths[-1])
+  server = TritonServer(str(tmp / "repo"), env=env, models=["fashion"],
+                        log_path=str(tmp / "triton.log")).start()
+  try:
+    yield {"env": env, "server": server, "export": export, "paths": paths,
+           "labels": y[list(CLIENT_IMAGES)], "run_accuracy": record["metrics"]["test"]["accuracy"]}
+  finally:
+    server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_standard_image_client_classifies_fashion_mnist(trained_classifier, protocol):
+  """image_client's contract against NAME: metadata + config read, one NHWC FP32 input and one
+  FP32 output required, raw pixels sent, class_count=3 through the classification extension.
+  Every top-3 equals the gateway's own backend (onnxruntime on model.onnx, normalised input) on
+  the same PNG, and most top-1 labels are right."""
+  from jaxclf.data.decode import decode_image
+  from serving.backends import OnnxBackend, load_bundle
+  t = trained_classifier
+  s = t["server"]
+  r = _image_client(t["env"], s.http_url if protocol == "http" else s.grpc_url, protocol,
+                    "fashion", t["paths"], "--classes", "3", "--batch-size", "16")
+  assert r.returncode == 0, r.stderr
+  out = json.loads(r.stdout)
+  assert out["interface"] == {"model": "fashion", "max_batch_size": 64, "input": "pixels",
+                              "output": "logits", "format": "FORMAT_NHWC", "height": 28,
+                              "width": 28, "channels": 1, "datatype": "FP32"}
+  bundle = load_bundle(t["export"])
+  gateway = OnnxBackend(bundle, micro_batching=False)
+  x = np.stack([preprocess(decode_image(open(p, "rb").read(), 1), bundle.spec) for p in t["paths"]])
+  want = gateway.run(x)
+  assert len(out["results"]) == len(t["paths"])
+  for row, path, ref in zip(out["results"], t["paths"], want):
+    assert row["file"] == path and len(row["classes"]) == 3
+    assert row["classes"][0]["index"] == int(ref.argmax())
+    assert sorted(c["index"] for c in row["classes"]) == sorted(np.argsort(-ref)[:3].tolist())
+    for c in row["classes"]:
+      assert c["label"] == bundle.spec.class_names[c["index"]]
+      assert c["score"] == pytest.approx(float(ref[c["index"]]), abs=1e-4)  # logits, 6 decimals
+  top1 = np.array([row["classes"][0]["index"] for row in out["results"]])
+  accuracy = float((top1 == t["labels"]).mean())
+  print(json.dumps({"protocol": protocol, "accuracy": accuracy, "run_accuracy": t["run_accuracy"]}))
+  assert t["run_accuracy"] > 0.6, "the fixture model did not train"
+  assert accuracy >= 0.6, accuracy

@@ -158,11 +158,19 @@ def resize_and_center_crop(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
   return img[top:top + th, left:left + tw]
 
 
+def normalization_constants(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (mean, scale) per channel in 0-255 pixel units: normalize(x) = (x - mean) * scale.
+  The raw-pixel ONNX graph (jaxclf/export/onnx.py) bakes in these very constants, so its first
+  two nodes compute what this module computes, to the bit."""
+  mean = np.asarray(spec.mean, np.float32) * np.float32(255.0)
+  scale = np.float32(1.0) / (np.asarray(spec.std, np.float32) * np.float32(255.0))
+  return mean.astype(np.float32), scale.astype(np.float32)
+
+
 def normalize(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
   """uint8 HWC (or NHWC) -> float32, (x/255 - mean) / std per channel."""
-  mean = np.asarray(spec.mean, np.float32) * 255.0
-  inv_std = 1.0 / (np.asarray(spec.std, np.float32) * 255.0)
-  return (img.astype(np.float32) - mean) * inv_std
+  mean, scale = normalization_constants(spec)
+  return (img.astype(np.float32) - mean) * scale
 
 
 def preprocess(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -14,6 +14,13 @@ An export directory holds:
                          jaxclf.temperature, jaxclf.source (JSON).
   preprocessing.json     `PreprocessSpec.to_dict()`; serving runs `transforms.preprocess` with it.
                          Its `temperature` records what the graph already applied.
+  model_raw.onnx         the same graph behind `transforms.normalize` as its first two nodes (Sub
+                         mean, Mul 1/std, float32 constants from `normalization_constants`): input
+                         `pixels` float32 [N, H, W, C], raw 0-255 after resize/crop, output
+                         `logits`. What Triton's `NAME` / `NAME_onnx` load (the standard image
+                         interface: clients send raw pixels); the gateway and evaluate keep
+                         feeding normalised input to model.onnx. Parity: on the same images, raw
+                         graph(pixels) = model.onnx(normalize(pixels)) within float32 rounding.
   labels.txt             one class name per line, in logit order.
   reference_stats.json   what serving's drift monitor compares live traffic against, in the format
                          of `jaxclf.data.reference_stats.compute_reference_stats` (version 1):
@@ -38,7 +45,8 @@ An export directory holds:
 
 Every export is parity-checked against JAX (logits / temperature) on real images at batch 1, 7 and
 64 before anything is written: max |logit difference| <= 1e-4 and 100% top-1 agreement, else `ParityError` and no
-directory. The directory is built under a temporary name and renamed into place, so a reader never
+directory. model_raw.onnx is checked against model.onnx at the same batch sizes (export.json
+parity.raw_input): within `RAW_PARITY_TOLERANCE` (relative) and 100% top-1 agreement. The directory is built under a temporary name and renamed into place, so a reader never
 sees half an export.
 """
 from __future__ import annotations
@@ -55,16 +63,22 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from jaxclf.data.decode import DecodeError, decode_image
-from jaxclf.data.transforms import PreprocessSpec, preprocess, preprocess_batch
+from jaxclf.data.transforms import (PreprocessSpec, normalization_constants, normalize, preprocess,
+                                    preprocess_batch, resize_and_center_crop)
 # The directory's file names and its integrity check are the format (jaxclf.artifacts), which the
 # registry and serving read without importing this module.
-from jaxclf.artifacts import (EXPORT_FILE, EXPORT_FORMAT, LABELS_FILE, MODEL_FILE, REFERENCE_FILE,
-                              REQUIRED_FILES, SPEC_FILE, ArtifactError, verify_export_dir)
+from jaxclf.artifacts import (EXPORT_FILE, EXPORT_FORMAT, LABELS_FILE, MODEL_FILE, RAW_MODEL_FILE,
+                              REFERENCE_FILE, REQUIRED_FILES, SPEC_FILE, ArtifactError,
+                              verify_export_dir)
 from jaxclf.hashing import sha256_file
 from jaxclf.tracking.run_record import accuracy_summary
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+RAW_INPUT_NAME = "pixels"  # model_raw.onnx: raw 0-255 pixels, normalised by the graph itself
+# Both graphs run the same float32 ops on the same values, so only rounding may differ (relative
+# to the largest logit, so that a confident trained model is held to the same standard).
+RAW_PARITY_TOLERANCE = 1e-5
 PARITY_BATCH_SIZES = (1, 7, 64)
 PARITY_TOLERANCE = 1e-4
 REFERENCE_IMAGES = 5000
@@ -156,6 +170,88 @@ def attach_metadata(proto, spec: PreprocessSpec, source: Mapping[str, Any] | Non
   proto.doc_string = (f"jaxclf export: input '{INPUT_NAME}' float32 [N,{','.join(map(str, spec.input_shape))}]"
                       f" preprocessed NHWC, output '{OUTPUT_NAME}' float32 [N,{len(spec.class_names)}]"
                       + scaled)
+
+
+def with_input_normalization(proto, spec: PreprocessSpec):
+  """model.onnx's proto -> model_raw.onnx's: a copy whose graph first computes
+  `transforms.normalize` (Sub mean, Mul scale, per channel on the last axis, the constants of
+  `normalization_constants`), taking `pixels` float32 [N, H, W, C] in 0..255. The network's nodes
+  are untouched: the old input `images` becomes the Mul's output."""
+  import onnx
+  from onnx import helper, numpy_helper
+  raw = onnx.ModelProto()
+  raw.CopyFrom(proto)
+  graph = raw.graph
+  if [i.name for i in graph.input] != [INPUT_NAME]:
+    raise ExportError(f"with_input_normalization needs one graph input {INPUT_NAME!r}, got "
+                      f"{[i.name for i in graph.input]}")
+  normalised = onnx.ValueInfoProto()
+  normalised.CopyFrom(graph.input[0])
+  pixels = onnx.ValueInfoProto()
+  pixels.CopyFrom(graph.input[0])
+  pixels.name = RAW_INPUT_NAME
+  mean, scale = normalization_constants(spec)
+  graph.initializer.extend([numpy_helper.from_array(mean, "jaxclf_pixel_mean"),
+                            numpy_helper.from_array(scale, "jaxclf_pixel_scale")])
+  head = [helper.make_node("Sub", [RAW_INPUT_NAME, "jaxclf_pixel_mean"], ["jaxclf_pixels_centred"],
+                           name="jaxclf_normalize_sub"),
+          helper.make_node("Mul", ["jaxclf_pixels_centred", "jaxclf_pixel_scale"], [INPUT_NAME],
+                           name="jaxclf_normalize_mul")]
+  network = list(graph.node)
+  del graph.node[:]
+  graph.node.extend(head + network)  # nodes stay topologically sorted
+  del graph.input[:]
+  graph.input.append(pixels)
+  graph.value_info.append(normalised)
+  meta = {p.key: p.value for p in raw.metadata_props}
+  meta.update({"jaxclf.input_name": RAW_INPUT_NAME,
+               "jaxclf.input": "raw pixels 0-255 (after resize and centre crop), NHWC float32; "
+                               "the graph normalises: (pixels - mean*255) / (std*255)"})
+  del raw.metadata_props[:]
+  for k, v in meta.items():
+    raw.metadata_props.add(key=k, value=v)
+  raw.doc_string = proto.doc_string.replace(
+      f"input '{INPUT_NAME}'", f"input '{RAW_INPUT_NAME}'").replace(
+      "preprocessed NHWC", "raw 0-255 pixels NHWC (normalised inside the graph)")
+  return raw
+
+
+def check_raw_parity(session, raw_session, pixels: np.ndarray, spec: PreprocessSpec, *,
+                     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
+                     tolerance: float = RAW_PARITY_TOLERANCE) -> dict[str, Any]:
+  """model_raw.onnx on raw pixels against model.onnx on `transforms.normalize` of the same pixels
+  (what the gateway feeds it), at each batch size; raises ParityError when the logits differ by
+  more than `tolerance` x max(1, |logit|) or any top-1 differs."""
+  per_batch: dict[str, dict[str, float]] = {}
+  limit = tolerance
+  for b in batch_sizes:
+    x = np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:])).astype(np.float32))
+    ref = session.run([OUTPUT_NAME], {INPUT_NAME: normalize(x, spec)})[0]
+    got = raw_session.run([OUTPUT_NAME], {RAW_INPUT_NAME: x})[0]
+    per_batch[str(b)] = compare_logits(ref, got)
+    limit = max(limit, tolerance * float(np.abs(ref).max()))
+  report = {**_summarise(per_batch, limit), "relative_tolerance": tolerance,
+            "compared_with": f"{MODEL_FILE} on transforms.normalize(pixels)"}
+  if not report["passed"]:
+    raise ParityError(f"{RAW_MODEL_FILE} disagrees with {MODEL_FILE}: max |Δlogit| "
+                      f"{report['max_abs_diff']:.3g} (limit {limit:.3g}), top-1 agreement "
+                      f"{report['top1_agreement']:.4%}")
+  return report
+
+
+def raw_input_record(spec: PreprocessSpec) -> dict[str, Any]:
+  """export.json model.raw_input: what model_raw.onnx takes and the normalisation it applies."""
+  mean, scale = normalization_constants(spec)
+  return {"file": RAW_MODEL_FILE, "input_name": RAW_INPUT_NAME, "output_name": OUTPUT_NAME,
+          "input_shape": [None, *spec.input_shape], "layout": "NHWC", "dtype": "float32",
+          "range": [0, 255], "normalization": {"op": "(pixels - mean) * scale",
+                                               "mean": mean.tolist(), "scale": scale.tolist()}}
+
+
+def raw_pixels(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+  """uint8 HWC images of any size -> float32 [N, H, W, C] 0-255: the geometry of `preprocess`
+  without the normalisation (what model_raw.onnx and Triton's NAME take)."""
+  return np.stack([resize_and_center_crop(im, spec) for im in images]).astype(np.float32)
 
 
 def graph_op_types(proto) -> list[str]:
@@ -350,6 +446,13 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
   model_bytes = proto.SerializeToString()
   session = ort_session(model_bytes)
   parity = check_parity(jax_logits, session, x, batch_sizes=batch_sizes, tolerance=tolerance)
+  # The raw-pixel twin (Triton's standard image interface) must give model.onnx's logits.
+  raw_proto = with_input_normalization(proto, spec)
+  onnx.checker.check_model(raw_proto)
+  raw_bytes = raw_proto.SerializeToString()
+  parity["raw_input"] = check_raw_parity(session, ort_session(raw_bytes),
+                                         raw_pixels(parity_images, spec), spec,
+                                         batch_sizes=batch_sizes)
 
   ref_images = list(reference_images) if reference_images is not None else parity_images
   ref_x = preprocess_batch(ref_images, spec)
@@ -361,13 +464,14 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-      f.write(model_bytes)
+    for fn, data in ((MODEL_FILE, model_bytes), (RAW_MODEL_FILE, raw_bytes)):
+      with open(os.path.join(tmp, fn), "wb") as f:
+        f.write(data)
     _write_text(os.path.join(tmp, SPEC_FILE), spec.to_json() + "\n")
     _write_text(os.path.join(tmp, LABELS_FILE), "".join(f"{c}\n" for c in spec.class_names))
     _write_text(os.path.join(tmp, REFERENCE_FILE), json.dumps(stats) + "\n")
     artifacts = {fn: sha256_file(os.path.join(tmp, fn))
-                 for fn in (MODEL_FILE, SPEC_FILE, LABELS_FILE, REFERENCE_FILE)}
+                 for fn in (MODEL_FILE, RAW_MODEL_FILE, SPEC_FILE, LABELS_FILE, REFERENCE_FILE)}
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -378,7 +482,8 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
                   "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                   "jax2onnx": _version("jax2onnx"), "onnx": _version("onnx"),
                   "onnxruntime": _version("onnxruntime"),
-                  "op_types": graph_op_types(proto)},
+                  "op_types": graph_op_types(proto),
+                  "raw_input": raw_input_record(spec)},
         "source": dict(source or {}),
         # The model's accuracy is the single-view test figure; a TTA figure only ever appears
         # as the separate, labelled accuracy.test_tta.

@@ -9,14 +9,22 @@ that does not parse against Triton's schema is never written. For export NAME, r
                     cache). Written but NOT loaded here: the pytriton-bundled tritonserver has only
                     the python backend, so `servable_models()` leaves it out.
   NAME/             python-backend twin of NAME_onnx: onnxruntime on CPU (serving/triton_models/
-                    classifier.py); logits, probabilities and top-k outputs.
-  NAME_preprocess/  python backend: encoded image bytes -> model input with jaxclf.data.decode +
-                    jaxclf.data.transforms and the export's preprocessing.json.
-  NAME_image/       ensemble: image bytes -> probabilities (labels.txt attached, so Triton's
-                    classification extension works: request `class_count`) + top_labels/top_scores.
+                    classifier.py).
+  NAME_preprocess/  python backend: encoded image bytes -> raw pixels (decode, resize, centre crop:
+                    jaxclf.data.decode + jaxclf.data.transforms, the export's preprocessing.json).
+  NAME_postprocess/ python backend: logits -> probabilities, top_scores, top_indices, top_labels.
+  NAME_image/       ensemble of the three: image bytes -> probabilities (labels.txt attached, so
+                    Triton's classification extension works: request `class_count`) + top_labels
+                    and top_scores.
+
+NAME and NAME_onnx have Triton's standard image-classifier interface (what its example
+image_client.py and perf_analyzer's random data need): ONE input `pixels` FP32 [H, W, C] with
+`format: FORMAT_NHWC`, raw 0-255 pixels, and ONE output `logits` FP32 [K] with labels.txt.
+Both load the export's model_raw.onnx, whose first nodes normalise (jaxclf.export.onnx);
+`check_standard_interface` holds every config that declares an image format to that contract.
 
 Each model holds version V (`V/` directories) and its config pins `version_policy: specific [V]`;
-the ensemble steps name version V of both composing models, so the ensemble version a response
+the ensemble steps name version V of every composing model, so the ensemble version a response
 reports *is* the registry version that answered. Promoting another version is a `RepositoryUpdate`
 (configs replaced atomically): offline `write_model_repository`; on a running server `live_update`
 loads the new composing versions beside the old ones, switches the ensemble, waits for the old
@@ -49,6 +57,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping, Sequence
 
+from jaxclf.artifacts import RAW_MODEL_FILE
 from jaxclf.hashing import sha256_file
 from jaxclf.integrity import INTEGRITY_FILE
 
@@ -56,6 +65,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 PYTHON_MODELS_DIR = os.path.join(REPO_ROOT, "serving", "triton_models")
 ENSEMBLE_INPUT = "image"
 ENSEMBLE_OUTPUTS = ("probabilities", "top_labels", "top_scores")
+# model_raw.onnx's tensor names (jaxclf.export.onnx RAW_INPUT_NAME / OUTPUT_NAME; this module does
+# not import the exporter at load time): the standard interface of NAME and NAME_onnx.
+CLASSIFIER_INPUT, CLASSIFIER_OUTPUT = "pixels", "logits"
+POSTPROCESS_OUTPUTS = ("probabilities", "top_scores", "top_indices", "top_labels")
 
 
 class TritonConfigError(RuntimeError):
@@ -79,6 +92,7 @@ class ServingOptions:
   cpu_queue_delay_us: int = 0
   classifier_instances: int = 1
   preprocess_instances: int = 1
+  postprocess_instances: int = 1
   intra_op_threads: int = 1
   # GPU (NAME_onnx) only:
   gpu: bool = True
@@ -94,7 +108,7 @@ class ServingOptions:
 
 def model_names(name: str) -> dict[str, str]:
   return {"onnx": f"{name}_onnx", "classifier": name, "preprocess": f"{name}_preprocess",
-          "ensemble": f"{name}_image"}
+          "postprocess": f"{name}_postprocess", "ensemble": f"{name}_image"}
 
 
 def _tensor(name: str, dtype: str, dims: Sequence[int], **extra) -> dict[str, Any]:
@@ -110,19 +124,21 @@ def model_configs(name: str, input_shape: Sequence[int], num_classes: int, versi
   k = min(o.top_k, num_classes)
   pinned = {"specific": {"versions": [int(version)]}}
   params = lambda **kw: {key: {"string_value": str(v)} for key, v in kw.items()}
+  # The standard interface, shared by NAME_onnx and its CPU twin NAME.
+  pixels_in = [_tensor(CLASSIFIER_INPUT, "TYPE_FP32", hwc, format="FORMAT_NHWC")]
+  logits_out = [_tensor(CLASSIFIER_OUTPUT, "TYPE_FP32", [num_classes], label_filename="labels.txt")]
   configs: dict[str, dict[str, Any]] = {}
   if o.gpu:
     gpu: dict[str, Any] = {
         "name": n["onnx"], "platform": "onnxruntime_onnx", "max_batch_size": o.max_batch_size,
-        "version_policy": pinned,
-        "input": [_tensor("images", "TYPE_FP32", hwc)],
-        "output": [_tensor("logits", "TYPE_FP32", [num_classes], label_filename="labels.txt")],
+        "version_policy": pinned, "default_model_filename": RAW_MODEL_FILE,
+        "input": pixels_in, "output": logits_out,
         "dynamic_batching": {"preferred_batch_size": list(o.gpu_preferred_batch_sizes),
                              "max_queue_delay_microseconds": o.gpu_queue_delay_us},
         "instance_group": [{"count": o.gpu_instances, "kind": "KIND_GPU"}],
         "model_warmup": [{"name": "random_batch", "batch_size": o.warmup_batch_size,
-                          "inputs": {"images": {"data_type": "TYPE_FP32", "dims": hwc,
-                                                "random_data": True}}}],
+                          "inputs": {CLASSIFIER_INPUT: {"data_type": "TYPE_FP32", "dims": hwc,
+                                                        "random_data": True}}}],
     }
     if o.tensorrt:
       gpu["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{
@@ -138,25 +154,32 @@ def model_configs(name: str, input_shape: Sequence[int], num_classes: int, versi
       "name": n["preprocess"], "backend": "python", "max_batch_size": o.max_batch_size,
       "version_policy": pinned,
       "input": [_tensor(ENSEMBLE_INPUT, "TYPE_STRING", [1])],
-      "output": [_tensor("images", "TYPE_FP32", hwc)],
+      "output": [_tensor(CLASSIFIER_INPUT, "TYPE_FP32", hwc)],
       "dynamic_batching": {"max_queue_delay_microseconds": o.cpu_queue_delay_us},
       "instance_group": [{"count": o.preprocess_instances, "kind": "KIND_CPU"}],
   }
   configs[n["classifier"]] = {
       "name": n["classifier"], "backend": "python", "max_batch_size": o.max_batch_size,
       "version_policy": pinned,
-      "input": [_tensor("images", "TYPE_FP32", hwc)],
-      "output": [_tensor("logits", "TYPE_FP32", [num_classes], label_filename="labels.txt"),
-                 _tensor("probabilities", "TYPE_FP32", [num_classes], label_filename="labels.txt"),
+      "input": pixels_in, "output": logits_out,
+      "dynamic_batching": {"max_queue_delay_microseconds": o.cpu_queue_delay_us},
+      "instance_group": [{"count": o.classifier_instances, "kind": "KIND_CPU"}],
+      "parameters": params(intra_op_threads=o.intra_op_threads),
+      "model_warmup": [{"name": "zeros", "batch_size": 1,
+                        "inputs": {CLASSIFIER_INPUT: {"data_type": "TYPE_FP32", "dims": hwc,
+                                                      "zero_data": True}}}],
+  }
+  configs[n["postprocess"]] = {
+      "name": n["postprocess"], "backend": "python", "max_batch_size": o.max_batch_size,
+      "version_policy": pinned,
+      "input": [_tensor(CLASSIFIER_OUTPUT, "TYPE_FP32", [num_classes])],
+      "output": [_tensor("probabilities", "TYPE_FP32", [num_classes], label_filename="labels.txt"),
                  _tensor("top_scores", "TYPE_FP32", [k]),
                  _tensor("top_indices", "TYPE_INT32", [k]),
                  _tensor("top_labels", "TYPE_STRING", [k])],
       "dynamic_batching": {"max_queue_delay_microseconds": o.cpu_queue_delay_us},
-      "instance_group": [{"count": o.classifier_instances, "kind": "KIND_CPU"}],
-      "parameters": params(top_k=k, intra_op_threads=o.intra_op_threads),
-      "model_warmup": [{"name": "zeros", "batch_size": 1,
-                        "inputs": {"images": {"data_type": "TYPE_FP32", "dims": hwc,
-                                              "zero_data": True}}}],
+      "instance_group": [{"count": o.postprocess_instances, "kind": "KIND_CPU"}],
+      "parameters": params(top_k=k),
   }
   configs[n["ensemble"]] = {
       "name": n["ensemble"], "platform": "ensemble", "max_batch_size": o.max_batch_size,
@@ -167,9 +190,13 @@ def model_configs(name: str, input_shape: Sequence[int], num_classes: int, versi
                  _tensor("top_scores", "TYPE_FP32", [k])],
       "ensemble_scheduling": {"step": [
           {"model_name": n["preprocess"], "model_version": int(version),
-           "input_map": {ENSEMBLE_INPUT: ENSEMBLE_INPUT}, "output_map": {"images": "preprocessed"}},
+           "input_map": {ENSEMBLE_INPUT: ENSEMBLE_INPUT},
+           "output_map": {CLASSIFIER_INPUT: "raw_pixels"}},
           {"model_name": n["classifier"], "model_version": int(version),
-           "input_map": {"images": "preprocessed"},
+           "input_map": {CLASSIFIER_INPUT: "raw_pixels"},
+           "output_map": {CLASSIFIER_OUTPUT: "logits"}},
+          {"model_name": n["postprocess"], "model_version": int(version),
+           "input_map": {CLASSIFIER_OUTPUT: "logits"},
            "output_map": {o_: o_ for o_ in ENSEMBLE_OUTPUTS}},
       ]},
   }
@@ -242,6 +269,9 @@ def validate_repository(repo_dir: str) -> dict[str, Any]:
     for v in cfg.version_policy.specific.versions:
       if not os.path.isdir(os.path.join(d, str(v))):
         raise TritonConfigError(f"{model_dir}: pins version {v} but {d}/{v}/ does not exist")
+    if cfg.platform != "ensemble" and any(i.format for i in cfg.input):
+      # Declaring an image format is claiming the standard interface: hold it to that.
+      check_standard_interface(cfg, model_dir, d)
     configs[cfg.name] = cfg
   for cfg in configs.values():
     for step in cfg.ensemble_scheduling.step:
@@ -257,6 +287,52 @@ def validate_repository(repo_dir: str) -> dict[str, Any]:
         raise TritonConfigError(f"ensemble {cfg.name}: step wants {step.model_name} version "
                                 f"{step.model_version}, which its config does not serve")
   return configs
+
+
+IMAGE_FORMATS = ("FORMAT_NHWC", "FORMAT_NCHW")
+
+
+def check_standard_interface(cfg, source: str, model_dir: str | None = None) -> dict[str, Any]:
+  """The contract of Triton's example image_client.py (triton-inference-server/client) and of
+  any classification-extension client, on a parsed ModelConfig: exactly one input, FP32, with an
+  image format over 3 non-batch dims (1 or 3 channels); exactly one output, FP32, a vector (at
+  most one dim > 1), with a label_filename (present in `model_dir` when given, one line per
+  class). Raises TritonConfigError naming `source` and the broken rule; returns the interface."""
+  pb = model_config_module()
+
+  def fail(why: str):
+    raise TritonConfigError(f"{source}: not Triton's standard image interface: {why}")
+
+  if len(cfg.input) != 1 or len(cfg.output) != 1:
+    fail(f"expecting 1 input and 1 output, got {len(cfg.input)} and {len(cfg.output)}")
+  inp, out = cfg.input[0], cfg.output[0]
+  fmt = pb.ModelInput.Format.Name(inp.format)
+  if fmt not in IMAGE_FORMATS:
+    fail(f"input {inp.name!r} has format {fmt}, expecting one of {', '.join(IMAGE_FORMATS)}")
+  if len(inp.dims) != 3:
+    fail(f"input {inp.name!r} has dims {list(inp.dims)}, expecting 3 (H, W, C or C, H, W)")
+  channels = inp.dims[2] if fmt == "FORMAT_NHWC" else inp.dims[0]
+  if channels not in (1, 3):
+    fail(f"input {inp.name!r} has {channels} channels, expecting 1 or 3")
+  for t, what in ((inp, "input"), (out, "output")):
+    if pb.DataType.Name(t.data_type) != "TYPE_FP32":
+      fail(f"{what} {t.name!r} is {pb.DataType.Name(t.data_type)}, expecting TYPE_FP32")
+  if sum(1 for d in out.dims if d != 1) != 1 or any(d < 1 for d in out.dims):
+    fail(f"output {out.name!r} has dims {list(out.dims)}, expecting a vector of class scores")
+  if not out.label_filename:
+    fail(f"output {out.name!r} has no label_filename (the classification extension needs one)")
+  classes = max(out.dims)
+  if model_dir is not None:
+    path = os.path.join(model_dir, out.label_filename)
+    if not os.path.isfile(path):
+      fail(f"label_filename {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+      count = sum(1 for line in f if line.strip())
+    if count != classes:
+      fail(f"{path} has {count} labels for {classes} output classes")
+  return {"input": inp.name, "format": fmt, "dims": list(inp.dims), "output": out.name,
+          "classes": int(classes), "label_filename": out.label_filename,
+          "max_batch_size": int(cfg.max_batch_size)}
 
 
 # ----------------------------------------------------------------------------- repository writer
@@ -302,7 +378,7 @@ class RepositoryUpdate:
 
   @property
   def composing(self) -> list[str]:
-    return [self.names["preprocess"], self.names["classifier"]]
+    return [self.names["preprocess"], self.names["classifier"], self.names["postprocess"]]
 
   def _write_config(self, model: str, versions: Sequence[int]) -> None:
     cfg = dict(self.configs[model], version_policy={"specific": {"versions": sorted(set(versions))}})
@@ -347,35 +423,49 @@ def prepare_update(export_dir: str, repo_dir: str, name: str, version: int,
                    options: ServingOptions = ServingOptions(), *,
                    verify: bool = True) -> RepositoryUpdate:
   """Checks the export (sha256s), renders and validates every config; writes nothing."""
-  from jaxclf.export.onnx import LABELS_FILE, MODEL_FILE, SPEC_FILE, load_spec, verify_export
+  from jaxclf.export.onnx import EXPORT_FILE, LABELS_FILE, SPEC_FILE, load_spec, verify_export
   if not name or not name.replace("_", "").replace("-", "").isalnum():
     raise TritonConfigError(f"model name {name!r}: use letters, digits, '_' and '-' only")
   version = int(version)
   if version < 1:
     raise TritonConfigError(f"version must be >= 1, got {version}")
+  n = model_names(name)
   meta = verify_export(export_dir) if verify else {}
+  if not os.path.isfile(os.path.join(export_dir, RAW_MODEL_FILE)):
+    raise TritonConfigError(f"{export_dir} has no {RAW_MODEL_FILE} (the raw-pixel graph Triton's "
+                            f"{n['classifier']} and {n['onnx']} load; exports made before it "
+                            "existed lack it): export the run again (`jaxclf export`)")
   spec = load_spec(export_dir)
   num_classes = int(meta.get("model", {}).get("num_classes") or len(spec.class_names))
   configs = model_configs(name, spec.input_shape, num_classes, version, options)
   for m, cfg in configs.items():
-    parse_pbtxt(to_pbtxt(cfg), f"{m}/config.pbtxt")
+    parsed = parse_pbtxt(to_pbtxt(cfg), f"{m}/config.pbtxt")
+    if m in (n["classifier"], n["onnx"]):
+      check_standard_interface(parsed, f"{m}/config.pbtxt")
   previous = served_version(repo_dir, name) if os.path.isdir(repo_dir) else None
-  n = model_names(name)
   src = lambda f: os.path.join(export_dir, f)
   # The classifier checks the bytes it loads against this at initialize (jaxclf/integrity.py);
   # the hash is the one the export recorded (verified above), not one taken from the copy.
-  recorded = (meta.get("artifacts") or {}).get(MODEL_FILE) or sha256_file(src(MODEL_FILE))
-  integrity = (json.dumps({MODEL_FILE: recorded}, indent=2) + "\n").encode()
+  recorded = ((meta.get("artifacts") or {}).get(RAW_MODEL_FILE) if verify
+              else sha256_file(src(RAW_MODEL_FILE)))
+  if not recorded:
+    raise TritonConfigError(f"{export_dir}/{EXPORT_FILE} records no sha256 for {RAW_MODEL_FILE}: "
+                            "refusing to serve an unverified model")
+  integrity = (json.dumps({RAW_MODEL_FILE: recorded}, indent=2) + "\n").encode()
   files = {
-      n["onnx"]: {"model.onnx": src(MODEL_FILE)},
+      # NAME_onnx cannot check the hash itself (Triton's ORT backend reads the file); the record
+      # beside it lets a deployment check the copy.
+      n["onnx"]: {RAW_MODEL_FILE: src(RAW_MODEL_FILE), INTEGRITY_FILE: integrity},
       n["classifier"]: {"model.py": _python_model_source("classifier"),
-                        "model.onnx": src(MODEL_FILE), "labels.txt": src(LABELS_FILE),
-                        INTEGRITY_FILE: integrity},
+                        RAW_MODEL_FILE: src(RAW_MODEL_FILE), INTEGRITY_FILE: integrity},
       n["preprocess"]: {"model.py": _python_model_source("preprocess"),
                         "preprocessing.json": src(SPEC_FILE)},
+      n["postprocess"]: {"model.py": _python_model_source("postprocess"),
+                         "labels.txt": src(LABELS_FILE)},
       n["ensemble"]: {},
   }
-  order = [m for m in (n["onnx"], n["preprocess"], n["classifier"], n["ensemble"]) if m in configs]
+  order = [m for m in (n["onnx"], n["preprocess"], n["classifier"], n["postprocess"],
+                       n["ensemble"]) if m in configs]
   return RepositoryUpdate(export_dir, repo_dir, name, version,
                           previous if previous != version else None,
                           {m: configs[m] for m in order}, {m: files[m] for m in order})
@@ -393,12 +483,17 @@ def write_model_repository(export_dir: str, repo_dir: str, name: str, version: i
 
 
 def live_update(update: RepositoryUpdate, url: str, timeout: float = 120, *,
-                unload_previous: bool = False) -> dict[str, Any]:
+                unload_previous: bool | None = None) -> dict[str, Any]:
   """Switches a running explicit-mode server to `update.version` with no failed request: load
   the new composing versions beside the old ones and move the ensemble (one load), wait until the
   old ensemble version has drained and unloaded, then pin the configs to the new version and
-  prune old files (the server drops the idle old composing versions at the next switch, or now
-  with `unload_previous`)."""
+  prune old files.
+
+  The idle old composing versions are unloaded now when `unload_previous`, else at the next
+  switch. By default (None) they are unloaded now exactly when the old version is the higher one
+  (a rollback): Triton sends an unversioned request to the highest *loaded* version, so a direct
+  call to NAME (image_client, perf_analyzer) would otherwise still reach the rolled-back
+  weights. The ensemble pins its versions and is right either way."""
   t0 = time.monotonic()
   steps = {}
   update.stage()
@@ -414,12 +509,15 @@ def live_update(update: RepositoryUpdate, url: str, timeout: float = 120, *,
     wait_unloaded(url, ensemble, update.previous, timeout)
   steps["drained"] = round(time.monotonic() - t0, 3)
   pruned = update.finalize()
+  if unload_previous is None:
+    unload_previous = bool(update.previous and update.previous > update.version)
   if unload_previous:
     # Costs another reload round (about 2 s here, requests wait); otherwise the idle old
     # composing versions stay loaded until the next switch or restart.
     reload_models(url, update.composing, timeout)
   steps["finalized"] = round(time.monotonic() - t0, 3)
-  return {**update.summary(), "pruned": pruned, "reloaded": url, "seconds": steps}
+  return {**update.summary(), "pruned": pruned, "reloaded": url, "seconds": steps,
+          "unloaded_previous": unload_previous}
 
 
 def _install_version_dir(model_dir: str, version: int, files: Mapping[str, str]) -> None:
