@@ -350,3 +350,17 @@ def test_ctrl_c_leaves_a_resumable_sweep_and_dead_workers_are_retried(tiny_confi
   states = {t.number: t.state.name for t in runner.open_study(runner.load_plan(str(workdir)),
                                                                str(workdir)).trials}
   assert "RUNNING" not in states.values() and "WAITING" not in states.values()
+
+
+def test_a_trial_that_trained_every_epoch_is_never_marked_pruned():
+  """ASHA may rank a finished trial low, but pruning after the last epoch saves nothing: the
+  trial is COMPLETE with its metrics. Before the last epoch the pruner decides."""
+  import optuna
+  from jaxclf.sweeps.objective import _pruning_callback
+  study = optuna.create_study(direction="maximize",
+                              pruner=optuna.pruners.ThresholdPruner(lower=0.99))
+  trial = study.ask()
+  on_epoch = _pruning_callback(trial, "val_accuracy", num_epochs=3)
+  assert on_epoch({"epoch": 1, "val_accuracy": 0.5}) == "pruned"
+  assert on_epoch({"epoch": 3, "val_accuracy": 0.5}) is None
+  assert trial.user_attrs["last_epoch"] == {"epoch": 3, "val_accuracy": 0.5}

@@ -41,13 +41,17 @@ class Heartbeat:
     self._thread.join()
 
 
-def _pruning_callback(trial: optuna.Trial, metric: str):
+def _pruning_callback(trial: optuna.Trial, metric: str, num_epochs: int):
   def on_epoch(entry: dict[str, Any]) -> str | None:
     value = entry.get(metric)  # e.g. val_accuracy: the history entry carries no test numbers
     if value is None or not math.isfinite(value):
       return None
     trial.report(float(value), step=int(entry["epoch"]))
     trial.set_user_attr("last_epoch", {k: v for k, v in entry.items() if k != "wall_time"})
+    # After the last epoch there is nothing left to save: a trial that trained to the end is
+    # COMPLETE, whatever the pruner would say (ASHA otherwise marks finished trials pruned).
+    if int(entry["epoch"]) >= num_epochs:
+      return None
     return "pruned" if trial.should_prune() else None
   return on_epoch
 
@@ -97,4 +101,5 @@ class Objective:
                          default=list) + "\n")
     with Heartbeat(os.path.join(run_dir, "heartbeat")):
       return train_tracked(config, run_dir, tags={"sweep": self.sweep_name, "trial": str(number)},
-                           epoch_callback=_pruning_callback(trial, self.sweep["metric"]))
+                           epoch_callback=_pruning_callback(
+                               trial, self.sweep["metric"], int(config.train.num_epochs)))
