@@ -4,7 +4,9 @@ negative test showing the check catches a broken file:
   Dockerfiles          hadolint; healthcheck, non-root user, a .dockerignore that lets in every COPY
   compose.yaml         the compose-spec schema (check-jsonschema's vendored copy, offline)
   deploy/k8s           every kustomization rendered (kubectl kustomize), schema-validated against
-                       Kubernetes 1.37 (kubernetes-validate, bundled schemas), policy-linted (checkov)
+                       Kubernetes 1.37 (kubernetes-validate, bundled schemas), policy-linted (checkov);
+                       the multi-host JobSet against tests/schemas/jobset-v1alpha2.json (check-jsonschema)
+                       and its Job templates against the Kubernetes schemas
   .github/workflows    actionlint
 
 Tools: .venv-lint (scripts/setup_lint_env.sh, which scripts/test.sh runs) and hadolint from .venv.
@@ -285,6 +287,69 @@ def test_checkov_catches_a_privileged_root_container(k8s_copy, tmp_path):
   failed = {c["check_id"] for c in checkov(d, only=("CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_23"))
             ["results"]["failed_checks"]}
   assert {"CKV_K8S_16", "CKV_K8S_20"} <= failed, failed  # privileged, privilege escalation
+
+
+JOBSET_SCHEMA = REPO / "tests" / "schemas" / "jobset-v1alpha2.json"
+
+
+def jobset_checks(rendered_file: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, ...]:
+  """The JobSet against the schema of the fields we use (its CRD cannot be installed here), and
+  each of its Job templates as a batch/v1 Job against the real Kubernetes schemas."""
+  docs = [d for d in yaml.safe_load_all(rendered_file.read_text()) if d]
+  jobsets = [d for d in docs if d["kind"] == "JobSet"]
+  assert jobsets, f"{rendered_file.name}: no JobSet"
+  (tmp_path / "jobset.json").write_text(json.dumps(jobsets[0]))
+  jobs = [{"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": f"{js['metadata']['name']}-{rj['name']}"},
+           "spec": rj["template"]["spec"]} for js in jobsets for rj in js["spec"]["replicatedJobs"]]
+  (tmp_path / "jobs.yaml").write_text(yaml.safe_dump_all(jobs))
+  return (run(tool("check-jsonschema"), "--schemafile", str(JOBSET_SCHEMA),
+              str(tmp_path / "jobset.json")),
+          run(tool("kubernetes-validate"), "--strict", "--quiet", str(tmp_path / "jobs.yaml")))
+
+
+def test_multihost_jobset_is_valid_and_wires_jax_distributed(rendered, tmp_path):
+  from jaxclf.train.distributed import Settings
+  f = rendered["overlays-train-multihost"]
+  for r in jobset_checks(f, tmp_path):
+    assert r.returncode == 0, r.stdout + r.stderr
+  docs = [d for d in yaml.safe_load_all(f.read_text()) if d]
+  by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+  js = by[("JobSet", "jaxclf-train-multihost")]
+  [rj] = js["spec"]["replicatedJobs"]
+  job, pod = rj["template"]["spec"], rj["template"]["spec"]["template"]["spec"]
+  env = {e["name"]: e for e in pod["containers"][0]["env"]}
+  # Every JAXCLF_DISTRIBUTED__X is a distributed setting; the process count agrees everywhere.
+  fields = {f.name for f in __import__("dataclasses").fields(Settings)}
+  for name in env:
+    assert name.split("__", 1)[1].lower() in fields, name
+  n = int(env["JAXCLF_DISTRIBUTED__NUM_PROCESSES"]["value"])
+  assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == n
+  assert env["JAXCLF_DISTRIBUTED__PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+      "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+  # Pod 0's stable name under the JobSet's headless Service hosts the coordinator.
+  host, port = env["JAXCLF_DISTRIBUTED__COORDINATOR"]["value"].rsplit(":", 1)
+  name, sub = js["metadata"]["name"], js["spec"]["network"]["subdomain"]
+  assert js["spec"]["network"]["enableDNSHostnames"] is True
+  assert host == f"{name}-{rj['name']}-0-0.{sub}"
+  assert {"containerPort": int(port), "name": "coordinator"} in pod["containers"][0]["ports"]
+  assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+  # What the pods mount and read exists, and the volume can be shared across nodes.
+  claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+  assert by[("PersistentVolumeClaim", claim)]["spec"]["accessModes"] == ["ReadWriteMany"]
+  cm = pod["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+  assert ("ConfigMap", cm) in by, f"{cm} is not rendered (kustomize does not rename inside a JobSet)"
+
+
+@pytest.mark.parametrize("old,new", [("maxRestarts: 3", "maxRestart: 3"),
+                                     ("operator: All", "operator: Every")])
+def test_jobset_schema_check_catches_a_broken_jobset(k8s_copy, tmp_path, old, new):
+  js = k8s_copy / "overlays" / "train-multihost" / "jobset.yaml"
+  js.write_text(js.read_text().replace(old, new, 1))
+  out = tmp_path / "multihost.yaml"
+  out.write_text(render(k8s_copy / "overlays" / "train-multihost"))
+  schema, _ = jobset_checks(out, tmp_path)
+  assert schema.returncode != 0, schema.stdout
 
 
 # ----------------------------------------------------------------------------- workflows

@@ -12,14 +12,18 @@ from flax.training import train_state
 class TrainState(train_state.TrainState):
   batch_stats: Any
   lr_scale: jax.Array
+  # precision.DynamicLossScale for float16 compute, else None (an empty subtree: fp32 and bf16
+  # checkpoints keep the structure they had before this field existed).
+  loss_scale: Any = None
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, input_shape, tx) -> TrainState:
+def create_train_state(rng: jax.Array, model: nn.Module, input_shape, tx,
+                       loss_scale=None) -> TrainState:
   variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *input_shape), jnp.float32),
                                            train=False))(rng)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}),
-                           lr_scale=jnp.ones((), jnp.float32))
+                           lr_scale=jnp.ones((), jnp.float32), loss_scale=loss_scale)
 
 
 def count_params(params) -> int:

@@ -32,30 +32,86 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
 
 
 def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
-               prepare=None):
+               prepare=None, grad_accum_steps=1):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
   draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
-  batch into model input inside the step (on-device augmentation and normalisation)."""
+  batch into model input inside the step (on-device augmentation and normalisation).
+
+  `grad_accum_steps=K` splits the batch into K micro-batches inside this one jitted step (a scan:
+  the activations of one micro-batch at a time) and applies their mean gradient once: the update
+  of one K-times-larger batch. BatchNorm normalises and updates its statistics per micro-batch,
+  as accumulation in PyTorch does. `state.loss_scale` (precision.DynamicLossScale, set for
+  float16 compute) scales the loss before differentiation and skips the update when the
+  gradients overflow."""
   num_classes = class_weights.shape[0]
+  loss_scale = state.loss_scale
   rng = jax.random.fold_in(dropout_key, state.step)
   if prepare is not None:
     batch = prepare(batch, state.step)
 
-  def loss_fn(params):
+  def loss_fn(params, batch_stats, micro, key):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-        mutable=["batch_stats"], rngs={"dropout": rng})
-    loss = cross_entropy(logits, batch["label"], num_classes, label_smoothing, class_weights)
-    return loss.mean(), (logits, updates)
+        {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": key})
+    loss = cross_entropy(logits, micro["label"], num_classes, label_smoothing, class_weights)
+    loss = loss.mean()
+    scaled = loss_scale.scale_loss(loss) if loss_scale is not None else loss
+    return scaled, (loss, logits, updates.get("batch_stats", batch_stats))
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    grads, (loss, logits, batch_stats) = grad_fn(state.params, state.batch_stats, batch, rng)
+  else:
+    grads, (loss, logits, batch_stats) = _accumulate(grad_fn, state, batch, rng,
+                                                     grad_accum_steps)
+  finite = jnp.array(True)
+  if loss_scale is not None:
+    grads = loss_scale.unscale(grads)
+    finite = all_finite(grads)
   lr = lr_fn(state.step) * state.lr_scale
   state.opt_state.hyperparams["learning_rate"] = lr
-  new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if loss_scale is not None:  # an overflowing step changes nothing but the scale (and the step)
+    new_state = _keep_if_not_finite(finite, new_state, state).replace(
+        step=new_state.step, loss_scale=loss_scale.adjust(finite))
   metrics = TrainMetrics.single_from_model_output(
       loss=loss, logits=logits, labels=batch["label"], grad_norm=optax.global_norm(grads),
       param_norm=optax.global_norm(new_state.params), learning_rate=lr)
   return new_state, metrics
+
+
+def _accumulate(grad_fn, state, batch, rng, k):
+  """Mean gradient over k micro-batches, scanned. Micro-batch j takes rows j, j+k, j+2k, ... so
+  that each micro-batch is spread over every device of a batch sharded on its first axis (each
+  device's contiguous block of rows holds its share of every micro-batch): no resharding."""
+  n = batch["label"].shape[0]
+  if n % k:
+    raise ValueError(f"a batch of {n} does not split into train.grad_accum_steps={k} "
+                     "micro-batches")
+  micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(n // k, k, *x.shape[1:]), 0, 1), batch)
+
+  def body(carry, xs):
+    grads_sum, batch_stats = carry
+    mb, j = xs
+    g, (loss, logits, batch_stats) = grad_fn(state.params, batch_stats, mb,
+                                             jax.random.fold_in(rng, j))
+    return (jax.tree.map(jnp.add, grads_sum, g), batch_stats), (loss, logits)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  (grads, batch_stats), (losses, logits) = jax.lax.scan(
+      body, (zeros, state.batch_stats), (micro, jnp.arange(k)))
+  grads = jax.tree.map(lambda g: g / k, grads)
+  # Back to the batch's row order, so that metrics pair each logit with its label.
+  logits = jnp.swapaxes(logits, 0, 1).reshape(n, logits.shape[-1])
+  return grads, (losses.mean(), logits, batch_stats)
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _keep_if_not_finite(finite, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def predict_logits(state_or_vars, apply_fn, images, tta_flip=False):
