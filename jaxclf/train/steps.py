@@ -32,7 +32,7 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
 
 
 def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
-               prepare=None, grad_accum_steps=1):
+               prepare=None, grad_accum_steps=1, freeze_backbone_steps=0):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
   draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
   batch into model input inside the step (on-device augmentation and normalisation).
@@ -42,7 +42,8 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   of one K-times-larger batch. BatchNorm normalises and updates its statistics per micro-batch,
   as accumulation in PyTorch does. `state.loss_scale` (precision.DynamicLossScale, set for
   float16 compute) scales the loss before differentiation and skips the update when the
-  gradients overflow."""
+  gradients overflow. For the first `freeze_backbone_steps` steps a fine-tuning optimizer's
+  backbone is frozen (its `backbone_gate` hyperparameter is 0)."""
   num_classes = class_weights.shape[0]
   loss_scale = state.loss_scale
   rng = jax.random.fold_in(dropout_key, state.step)
@@ -70,6 +71,9 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
     finite = all_finite(grads)
   lr = lr_fn(state.step) * state.lr_scale
   state.opt_state.hyperparams["learning_rate"] = lr
+  if "backbone_gate" in state.opt_state.hyperparams:  # optimizers.create_optimizer, fine-tuning
+    state.opt_state.hyperparams["backbone_gate"] = jnp.where(
+        state.step >= freeze_backbone_steps, 1.0, 0.0)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if loss_scale is not None:  # an overflowing step changes nothing but the scale (and the step)
     new_state = _keep_if_not_finite(finite, new_state, state).replace(
