@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import importlib.util
 import io
 import logging
@@ -32,14 +31,17 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
+import ml_dtypes  # a jax dependency: numpy's bfloat16
 import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
 from jaxclf.data.transforms import PreprocessSpec
+from jaxclf.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
     "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "BFloat16Storage": ml_dtypes.bfloat16,
 }
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001
@@ -228,19 +231,24 @@ def _materialise(name: str, t: _TensorRef, source: str) -> np.ndarray:
   return np.array(view)  # a copy: own, contiguous memory
 
 
-def _to_arrays(obj, source: str) -> dict[str, np.ndarray]:
+def _to_arrays(obj, source: str, nested: bool = False) -> dict[str, np.ndarray]:
+  """The tensors of a state dict. nested=True: also those of dicts inside it, under dotted names
+  ({'model': {'fc.weight': t}, 'epoch': 3} -> {'model.fc.weight': t}), other values skipped."""
   if not isinstance(obj, Mapping):
     raise PretrainedError(f"{source}: expected a state dict (OrderedDict of tensors), got "
                           f"{type(obj).__name__}")
   out = {}
   for k, v in obj.items():
-    if not isinstance(v, _TensorRef):
+    if nested and isinstance(v, Mapping):
+      out.update({f"{k}.{name}": t for name, t in _to_arrays(v, source, nested=True).items()})
+    elif isinstance(v, _TensorRef):
+      out[str(k)] = _materialise(str(k), v, source)
+    elif not nested:
       raise PretrainedError(f"{source}: entry {k!r} is {type(v).__name__}, not a tensor")
-    out[str(k)] = _materialise(str(k), v, source)
   return out
 
 
-def _read_legacy(f: io.BufferedReader, source: str) -> dict[str, np.ndarray]:
+def _read_legacy(f: io.BufferedReader, source: str, nested: bool = False) -> dict[str, np.ndarray]:
   """torch < 1.6 format: pickles of magic, protocol, sys info, the state dict and the storage keys,
   then each storage as an int64 little-endian element count followed by its raw bytes."""
   storages: dict[str, _StorageRef] = {}
@@ -265,14 +273,24 @@ def _read_legacy(f: io.BufferedReader, source: str) -> dict[str, np.ndarray]:
     if numel != ref.numel:
       raise PretrainedError(f"{source}: storage {key!r} holds {numel} values, pickle says "
                             f"{ref.numel}")
+    if numel < 0 or numel * ref.dtype.itemsize > _bytes_left(f):  # before allocating it
+      raise PretrainedError(f"{source}: truncated inside storage {key!r} (needs {numel} values)")
     raw = f.read(numel * ref.dtype.itemsize)
     if len(raw) != numel * ref.dtype.itemsize:
       raise PretrainedError(f"{source}: truncated inside storage {key!r}")
-    ref.data = np.frombuffer(raw, dtype=ref.dtype.newbyteorder("<"))
-  return _to_arrays(state, source)
+    ref.data = np.frombuffer(raw, dtype=_little_endian(ref.dtype))
+  return _to_arrays(state, source, nested)
 
 
-def _read_zip(path: str, source: str) -> dict[str, np.ndarray]:
+def _bytes_left(f) -> int:
+  return os.fstat(f.fileno()).st_size - f.tell()
+
+
+def _little_endian(dtype: np.dtype) -> np.dtype:
+  return dtype if dtype.kind == "V" else dtype.newbyteorder("<")  # 'V': ml_dtypes' bfloat16
+
+
+def _read_zip(path: str, source: str, nested: bool = False) -> dict[str, np.ndarray]:
   """torch >= 1.6 format: a zip with <root>/data.pkl and one <root>/data/<key> file per storage."""
   storages: dict[str, _StorageRef] = {}
   with zipfile.ZipFile(path) as z:
@@ -286,37 +304,37 @@ def _read_zip(path: str, source: str) -> dict[str, np.ndarray]:
         raw = z.read(f"{root}data/{key}")
       except KeyError:
         raise PretrainedError(f"{source}: storage {key!r} missing from the archive") from None
-      ref.data = np.frombuffer(raw, dtype=ref.dtype.newbyteorder("<"))[:ref.numel]
-  return _to_arrays(state, source)
+      if len(raw) < ref.numel * ref.dtype.itemsize:
+        raise PretrainedError(f"{source}: storage {key!r} holds {len(raw)} bytes, the pickle "
+                              f"says {ref.numel} values of {ref.dtype.itemsize} bytes")
+      ref.data = np.frombuffer(raw, dtype=_little_endian(ref.dtype))[:ref.numel]
+  return _to_arrays(state, source, nested)
 
 
-def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict file -> {key: numpy array}, without importing torch or running pickled code."""
+def read_torch_state_dict(path: str, nested: bool = False) -> dict[str, np.ndarray]:
+  """A PyTorch state dict file -> {key: numpy array}, without importing torch or running pickled code.
+  nested=True also reads checkpoints that wrap it ({'state_dict': {...}, 'epoch': 3}, dotted names)."""
   try:
     if zipfile.is_zipfile(path):
-      return _read_zip(path, path)
+      return _read_zip(path, path, nested)
     with open(path, "rb") as f:
-      return _read_legacy(f, path)
+      if f.read(4) == b"PK\x03\x04":  # a zip whose central directory (at the end) is gone
+        raise PretrainedError(f"{path}: truncated or damaged zip-format torch checkpoint (no "
+                              "readable zip directory)")
+      f.seek(0)
+      return _read_legacy(f, path, nested)
   except PretrainedError:
     raise
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, AttributeError,
-          KeyError, IndexError) as e:
+          KeyError, IndexError, RecursionError, zipfile.BadZipFile, zlib.error, OSError) as e:
     raise PretrainedError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") \
         from None
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def read_pretrained(name: str, weights_path: str | None = None) -> dict[str, np.ndarray]:
   """The torch state dict of a catalogue entry, checked against its sha256 when read from the package."""
   path = weights_path or pretrained_weights_path(name)
-  if weights_path is None and (digest := _sha256(path)) != _entry(name).sha256:
+  if weights_path is None and (digest := sha256_file(path)) != _entry(name).sha256:
     raise PretrainedError(f"{path}: sha256 {digest} does not match the expected "
                           f"{_entry(name).sha256} (corrupt or different file)")
   return read_torch_state_dict(path)
@@ -401,8 +419,9 @@ def load_pretrained(name: str, *args, weights_path: str | None = None) -> dict[s
     load_pretrained(name, variables, num_classes)
     load_pretrained(name, model, variables, num_classes)   # the training loop's; `model` lets
                                                            # name be 'imagenet' or a run dir
-  `name`: a catalogue entry ('efficientnet_lite0'); 'imagenet' (the entry that fits `model`); or
-  a jaxclf run directory (its best checkpoint, e.g. to continue from another dataset).
+  `name`: a catalogue entry ('efficientnet_lite0'); 'imagenet' (the entry that fits `model`); a
+  `.npz` written by `jaxclf weights convert` (jaxclf/models/weights.py); or a jaxclf run directory
+  (its best checkpoint, e.g. to continue from another dataset).
   `variables` are the freshly initialised {'params', 'batch_stats', ...} of the model. When the
   source has num_classes outputs its classifier is loaded too; otherwise the new head in
   `variables` is kept (transfer learning). A 1-channel stem gets the RGB kernel summed over
@@ -419,6 +438,9 @@ def load_pretrained(name: str, *args, weights_path: str | None = None) -> dict[s
     if model is None:
       raise PretrainedError("model.pretrained='imagenet' needs the model to choose the weights")
     name = pretrained_for_model(model)
+  elif name not in PRETRAINED and name.endswith(".npz"):
+    from jaxclf.models.weights import load_converted  # users' own converted weights
+    return load_converted(name, variables, num_classes)
   elif name not in PRETRAINED and os.path.isdir(name):
     return _load_run(name, variables, num_classes)
   entry = _entry(name)
@@ -443,7 +465,7 @@ def load_state_dict(variables: Mapping[str, Any], state: Mapping[str, np.ndarray
                     num_classes: int, *, load_head: bool, source: str = "checkpoint",
                     model: str = "efficientnet") -> dict[str, Any]:
   """Fills `variables` from a lukemelas-named EfficientNet state dict (see `load_pretrained`)."""
-  return _fill(variables, convert_state_dict(state), num_classes, load_head, source,
+  return fill_variables(variables, convert_state_dict(state), num_classes, load_head, source,
                f" (is it {model!r}?)")
 
 
@@ -453,20 +475,26 @@ def _load_run(run_dir: str, variables: Mapping[str, Any], num_classes: int) -> d
   other = _flatten(load_inference(run_dir, "best").variables)
   head = other.get(("params", *HEAD, "kernel"))
   load_head = head is not None and head.shape[-1] == num_classes
-  return _fill(variables, other, num_classes, load_head, run_dir,
+  return fill_variables(variables, other, num_classes, load_head, run_dir,
                " (was that run trained with the same model?)")
 
 
-def _fill(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any],
-          num_classes: int, load_head: bool, source: str, hint: str) -> dict[str, Any]:
+def fill_variables(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any],
+                   num_classes: int, load_head: bool, source: str, hint: str = "",
+                   head: tuple[str, ...] = HEAD,
+                   stem: tuple[str, ...] = ("params", "stem_conv", "kernel")) -> dict[str, Any]:
+  """`variables` with every 'params'/'batch_stats' leaf replaced by the same path of `given_flat`
+  ({('params', 'conv_init', 'kernel'): array, ...}), the module `head` only when load_head. The
+  `stem` kernel is fitted to the model's input channels (`fit_stem`). One PretrainedError lists
+  every missing, unexpected and mismatched key."""
   target = _flatten(variables)
-  target_head = target.get(("params", *HEAD, "kernel"))
+  target_head = target.get(("params", *head, "kernel"))
   if target_head is not None and target_head.shape[-1] != num_classes:
     raise PretrainedError(f"num_classes={num_classes} but the model's classifier has "
                           f"{target_head.shape[-1]} outputs")
 
   def is_head(path):
-    return path[1:1 + len(HEAD)] == HEAD
+    return path[1:1 + len(head)] == head
 
   def wanted_path(path):
     return path[0] in ("params", "batch_stats") and (load_head or not is_head(path))
@@ -480,7 +508,7 @@ def _fill(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any
   for path in sorted(wanted & given):
     value, current = np.asarray(given_flat[path]), target[path]
     key = "/".join(path)
-    if path == ("params", "stem_conv", "kernel"):
+    if path == stem:
       value = fit_stem(value, current.shape[2], f"{source}: {key}")
     if tuple(value.shape) != tuple(current.shape):
       mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")

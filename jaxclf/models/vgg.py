@@ -23,6 +23,7 @@ class VGG(nn.Module):
   dropout: float = 0.5
   dtype: Any = jnp.float32
   conv_impl: str = "xla"  # CPU kernels of conv, BN and pool (layers.py); the trainer picks it
+  features_only: bool = False  # return the last pool's NHWC map (torchvision's `features` output)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -37,6 +38,8 @@ class VGG(nn.Module):
         x = Conv(max(1, int(spec * self.width)), (3, 3), use_bias=False, dtype=self.dtype,
                  impl=self.conv_impl)(x)
         x = norm()(x)  # conv-BN-ReLU
+    if self.features_only:
+      return x.astype(jnp.float32)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
