@@ -15,10 +15,11 @@ runs unchanged (conv_impl auto -> XLA/cuDNN).
 Variants: `configs/cnn.py:quick` (1 epoch smoke run), `configs/cnn.py:tiny` (tiny model, small
 subset: the tests' config). Sweeps: `jaxclf sweep --config configs/cnn.py --sweep lr_grid`.
 """
-from jaxclf.config import default_config
+from jaxclf.config import default_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  a = parse_arg(arg, variant="", choices={"variant": ("", "quick", "tiny")})
   c = default_config()
   c.name = "cnn"
   c.model.name = "cnn"
@@ -43,9 +44,9 @@ def get_config(arg: str | None = None):
   c.augment.translate = 2
   c.augment.hflip = True
   c.train.eval_batch_size = 2000
-  if arg == "quick":
+  if a.variant == "quick":
     c.train.num_epochs = 1
-  elif arg == "tiny":
+  elif a.variant == "tiny":
     c.name = "cnn_tiny"
     c.model.name = "cnn_tiny"
     c.model.kwargs = type(c.model.kwargs)()  # the tiny model's own layers
@@ -53,11 +54,9 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 64
     c.train.num_epochs = 2
     c.train.eval_batch_size = 256
-    c.train.log_every_steps = 4
-    c.train.checkpoint_every_steps = 4
+    c.periodic.log = "4 steps"
+    c.periodic.checkpoint = "4 steps"
     c.train.progress_bar = False
-  elif arg:
-    raise ValueError(f"configs/cnn.py: unknown arg {arg!r} (use quick or tiny)")
   return c
 
 

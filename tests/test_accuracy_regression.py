@@ -19,7 +19,7 @@ from jaxclf.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["data.limit_per_split=4096", "train.batch_size=128", "train.num_epochs=3",
-             "augment.translate=2", "train.progress_bar=false", "train.checkpoint_every_steps=1000",
+             "augment.translate=2", "train.progress_bar=false", "periodic.checkpoint=1000 steps",
              "seed=0"]
 # `jaxclf train --config configs/cnn.py --set <each of OVERRIDES> --set seed=S`, test accuracy:
 FLOOR_EVIDENCE = {"seed0": 0.7808, "seed1": 0.7673, "seed2": 0.7646}

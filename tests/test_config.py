@@ -132,3 +132,46 @@ def test_other_components_jaxclf_variables_are_not_config_overrides(repo_root):
       "JAXCLF_REGISTRY": "/tmp/reg", "JAXCLF_SERVE_API_KEY": "k", "JAXCLF_ONEDNN": "0",
       "JAXCLF_LOGLEVEL": "debug", "JAXCLF_SEED": "5", "JAXCLF_TRAIN__NUM_EPOCHS": "2"})
   assert (c.seed, c.train.num_epochs) == (5, 2)
+
+
+def test_parse_arg_is_the_one_config_argument_parser(repo_root):
+  """big_vision's parse_arg convention: k=v pairs, one bare value for the first key, a bare
+  boolean name for true; typed by the defaults; did-you-mean for unknown args and choices."""
+  import glob
+  from jaxclf.config import parse_arg
+  a = parse_arg("width=32,fast", model="resnet18", width=64, fast=False)
+  assert (a.model, a.width, a.fast) == ("resnet18", 32, True)
+  assert parse_arg("resnet34", model="resnet18", width=64).model == "resnet34"
+  assert parse_arg("fast", model="resnet18", fast=False).fast is True
+  assert parse_arg(None, model="resnet18").model == "resnet18"
+  with pytest.raises(ConfigError, match="unknown arg 'widht'. Did you mean 'width'"):
+    parse_arg("widht=3", model="resnet18", width=64)
+  with pytest.raises(ConfigError, match="arg width='x': expected int"):
+    parse_arg("width=x", width=64)
+  with pytest.raises(ConfigError, match=r"is not one of \['a', 'b'\]"):
+    parse_arg("c", v="a", choices={"v": ("a", "b")})
+  for path in glob.glob(f"{repo_root}/configs/*.py"):
+    assert "parse_arg(arg" in open(path).read(), path  # every config file uses it
+  assert load_config(f"{repo_root}/configs/vgg.py:vgg16", environ={}).model.name == "vgg16"
+  assert load_config(f"{repo_root}/configs/efficientnet.py:b0", environ={}).model.name == (
+      "efficientnet_b0")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("periodic.log=5", "periodic.log: '5' is not a periodic rule"),
+    ("evals.val.when=end", "evals.val: early_stopping.metric selects by it"),
+    ("evals.test.when=sometimes", "evals.test.when: 'sometimes' is not a periodic rule"),
+    ("train.checkpoint_every_steps=5", "train.checkpoint_every_steps is now periodic.checkpoint"),
+])
+def test_periodic_rules_and_evaluators_validate(repo_root, override, message):
+  with pytest.raises(ConfigError) as e:
+    load_config(f"{repo_root}/configs/cnn.py", overrides=[override], environ={})
+  assert message in str(e.value)
+
+
+def test_an_unknown_evaluator_field_is_named(repo_root):
+  c = load_config(f"{repo_root}/configs/cnn.py", environ={})
+  c.evals.val.tta = True
+  with pytest.raises(ConfigError, match="evals.val.tta: evaluator type 'classification' takes no "
+                                        "field 'tta'"):
+    validate(c)

@@ -465,7 +465,7 @@ def trained_run(tmp_path_factory):
   cfg.data.limit_per_split = 512
   cfg.train.batch_size = 64
   cfg.train.num_epochs = 2
-  cfg.train.log_every_steps = 4
+  cfg.periodic.log = "4 steps"
   cfg.train.progress_bar = False
   cfg.train.eval_batch_size = 256
   cfg.optimizer.learning_rate = 0.05

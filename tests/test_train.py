@@ -25,7 +25,8 @@ def tiny(overrides=()):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  record = train_and_evaluate(tiny(), workdir)
+  # The opt-in confusion-matrix action rides along (one config entry turns it on).
+  record = train_and_evaluate(tiny(["periodic.confusion_matrix=1 epochs"]), workdir)
   return workdir, record
 
 
@@ -65,6 +66,8 @@ def test_tensorboard_events_are_real(tiny_run):
               "train/data_wait_share", "val/loss", "val/accuracy", "test/accuracy"):
     assert tag in tags, tag
   assert "train/augmented_batch" in ea.Tags()["images"]
+  cm = ea.Images("val/confusion_matrix")
+  assert [e.step for e in cm] == [8, 16] and (cm[0].width, cm[0].height) == (160, 160)
   waits = [e.value for e in ea.Scalars("train/data_wait_share")]
   assert all(0.0 <= w <= 1.0 for w in waits)
 
@@ -109,7 +112,7 @@ def _run_cli(workdir, extra=()):
   cmd = [sys.executable, "-m", "jaxclf.main", f"--config={ROOT}/configs/cnn.py:tiny",
          f"--workdir={workdir}", "--config.model.name=resnet_tiny", "--config.train.num_epochs=3",
          "--config.data.limit_per_split=1024", "--config.train.batch_size=32",
-         "--config.train.checkpoint_every_steps=7", *extra]
+         "--config.periodic.checkpoint=7 steps", *extra]
   return cmd
 
 
@@ -170,3 +173,84 @@ def test_training_core_imports_no_edge_integrations():
           "'tritonclient', 'mlflow', 'optuna', 'tensorboardX') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stdout + out.stderr
+
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "checkpoint_before_loop_state")
+
+
+def test_resume_from_a_checkpoint_written_before_the_loop_state(tmp_path):
+  """A run directory whose checkpoints hold the pre-LoopState `meta` dict (made by the loop
+  before issue 17: tests/fixtures/checkpoint_before_loop_state/README.txt) resumes mid-epoch from
+  its Grain iterator position and finishes, keeping its history and best."""
+  import shutil
+  shutil.copytree(os.path.join(FIXTURE, "checkpoints"), tmp_path / "checkpoints")
+  old_meta = json.load(open(tmp_path / "checkpoints" / "latest" / "12" / "meta" / "metadata"))
+  assert "version" not in old_meta and old_meta["epoch"] == 1 and old_meta["iter_state"]
+  cfg = tiny(["train.num_epochs=3", "train.keep_checkpoints=1", "data.on_device=false"])
+  record = train_and_evaluate(cfg, str(tmp_path))
+  assert record["status"] == "completed" and record["model"]["input_path"] == "grain"
+  assert record["resumed_from_step"] == 12 and record["final_step"] == 24
+  assert [h["step"] for h in record["history"]] == [8, 16, 24]
+  assert record["history"][0] == old_meta["history"][0]  # carried over from the old checkpoint
+  assert record["best"]["step"] in (8, 16, 24) and record["metrics"]["test"]["count"] == 512
+  from jaxclf.train.loop_state import VERSION
+  new_meta = json.load(open(tmp_path / "checkpoints" / "latest" / "24" / "meta" / "metadata"))
+  assert new_meta["version"] == VERSION and new_meta["history"] == record["history"]
+
+
+def test_loop_state_reads_version_0_meta_on_the_step_axis():
+  from jaxclf.train.loop_state import LoopState
+  base = {"best": None, "bad_epochs": 2, "plateau_bad": 1, "plateau_best": 0.5, "history": []}
+  # Saved mid-epoch 1 (step 12 of 8-step epochs): the iterator position belongs to epoch 1.
+  mid = LoopState.from_json({**base, "epoch": 1, "iter_state": {"next_index": 4}}, step=12,
+                            steps_per_epoch=8)
+  assert mid.iterator_state_for(1) == {"next_index": 4} and mid.bad_checks == 2
+  # Saved at step 8 before epoch 1's validation: the epoch-end actions run on resume, and the
+  # exhausted epoch-0 iterator is not applied to epoch 1.
+  before = LoopState.from_json({**base, "epoch": 0, "iter_state": {"next_index": 8}}, step=8,
+                               steps_per_epoch=8)
+  assert before.resume_pending and before.iterator_state_for(1) is None
+  after = LoopState.from_json({**base, "epoch": 1, "iter_state": None}, step=8, steps_per_epoch=8)
+  assert not after.resume_pending
+  # Version 1 round-trips; a newer version or an unknown field is a clear error.
+  again = LoopState.from_json(mid.to_json(), step=12, steps_per_epoch=8)
+  assert again == mid and "resume_pending" not in mid.to_json()
+  with pytest.raises(ValueError, match="newer jaxclf"):
+    LoopState.from_json({**mid.to_json(), "version": 99}, step=12, steps_per_epoch=8)
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['bad_epochs'\]"):
+    LoopState.from_json({**mid.to_json(), "bad_epochs": 1}, step=12, steps_per_epoch=8)
+
+
+def test_one_periodic_rule_for_every_action():
+  from jaxclf.config.periodic import Every, RuleError, itstime
+  spe, total = 8, 80
+  assert Every.parse("4 steps").interval(spe, total) == 4
+  assert Every.parse("1 epoch").interval(spe, total) == 8
+  assert Every.parse("0.5 epochs").interval(spe, total) == 4
+  assert Every.parse("25%").interval(spe, total) == 20
+  assert Every.parse("").interval(spe, total) == 0
+  fired = [s for s in range(1, total + 1) if itstime(s, 30, total)]
+  assert fired == [30, 60, 80]  # and the last step
+  assert not any(itstime(s, 0, total) for s in range(1, total + 1))
+  assert itstime(1, 30, total, first=True) and not itstime(80, 30, total, last=False)
+  for bad in ("3", "3 stepz", "0 steps", "1.5 steps", "120%"):
+    with pytest.raises(RuleError):
+      Every.parse(bad)
+
+
+def test_actions_and_evaluators_match_their_config_tables():
+  """Every periodic action has its rule in config.periodic and every evaluator type its fields
+  in config/names.py (both also checked at import), and the train.* switches turn the extra
+  evaluators on and off."""
+  import dataclasses
+  from jaxclf.config import default_config
+  from jaxclf.config.names import EVALUATOR_ARGS
+  from jaxclf.train.actions import ACTIONS
+  from jaxclf.train.evaluators import EVALUATORS, create_evaluators
+  assert set(ACTIONS) - {"evaluate"} == set(default_config().periodic.keys())
+  for name, cls in EVALUATORS.items():
+    assert {f.name for f in dataclasses.fields(cls)} - {"name"} == set(EVALUATOR_ARGS[name]) - {
+        "type", "enabled"}, name
+  assert set(create_evaluators(tiny())) == {"val", "test", "calibration"}
+  assert set(create_evaluators(tiny(["train.tta_flip=true", "train.calibrate=false"]))) == {
+      "val", "test", "test_tta"}

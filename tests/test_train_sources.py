@@ -13,7 +13,7 @@ from jaxclf.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.name=cnn_tiny", "train.batch_size=8", "train.num_epochs=1", "train.eval_batch_size=16",
-         "train.log_every_steps=2", "data.val_fraction=0.2", "data.test_fraction=0.2",
+         "periodic.log=2 steps", "data.val_fraction=0.2", "data.test_fraction=0.2",
          "train.progress_bar=false", "data.limit_per_split=0"]
 
 

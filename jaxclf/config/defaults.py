@@ -81,19 +81,47 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 10
   c.train.label_smoothing = 0.1
   c.train.class_weights = "none"  # none | balanced
-  c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 200
   c.train.keep_checkpoints = 2  # latest N (the best-by-val one is kept separately)
   c.train.eval_batch_size = 1000
-  c.train.eval_every_epochs = 1
-  # Also report the flip-TTA test accuracy, as metrics.test_tta. Off: the served model is single
-  # view, so the headline figures are too; TTA would double inference cost.
+  # Also report the flip-TTA test accuracy, as metrics.test_tta (switches evals.test_tta). Off:
+  # the served model is single view, so the headline figures are too; TTA doubles inference cost.
   c.train.tta_flip = False
-  # Fit a softmax temperature on the validation split after training; stored in the run and the
-  # preprocessing spec and baked into the export, so served confidences are calibrated.
+  # Fit a softmax temperature on the validation split after training (switches
+  # evals.calibration); stored in the run and the preprocessing spec and baked into the export,
+  # so served confidences are calibrated.
   c.train.calibrate = True
   c.train.max_steps = 0  # 0 = num_epochs worth; >0 stops early (smoke tests, resume tests)
   c.train.progress_bar = True
+
+  # When the loop's periodic actions fire (jaxclf/train/actions.py), one rule for all
+  # (jaxclf/config/periodic.py, big_vision's u.steps/u.itstime): "<N> steps", "<N> epochs",
+  # "<N>%" of training, or "" (never). log and checkpoint also fire on the last step;
+  # image_summary also on the first step of each run segment (a fresh start or a resume).
+  c.periodic = ml_collections.ConfigDict()
+  c.periodic.log = "50 steps"  # train/* scalars, the progress bar, run.json last_train
+  c.periodic.checkpoint = "200 steps"  # checkpoints/latest (best is saved when val improves)
+  c.periodic.image_summary = ""  # the augmented batch as a TensorBoard image grid
+  c.periodic.early_stopping = "1 epochs"  # a patience check (early_stopping.patience of them)
+  c.periodic.plateau = "1 epochs"  # schedule.name=plateau: a reduce-on-plateau check
+  c.periodic.confusion_matrix = ""  # e.g. "2 epochs": val confusion matrix image (one val pass)
+
+  # Evaluators, run by name (jaxclf/train/evaluators.py; big_vision's config.evals): `type`
+  # (classification | calibration), `when` (a periodic rule, or "end": once after training on the
+  # best-by-validation checkpoint), and the type's own fields. The entry named by
+  # early_stopping.metric ("val") selects the best checkpoint and writes run.json's history.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = ml_collections.ConfigDict(
+      {"type": "classification", "split": "val", "when": "1 epochs", "tta_flip": False,
+       "enabled": True})
+  c.evals.test = ml_collections.ConfigDict(
+      {"type": "classification", "split": "test", "when": "end", "tta_flip": False,
+       "enabled": True})
+  c.evals.test_tta = ml_collections.ConfigDict(
+      {"type": "classification", "split": "test", "when": "end", "tta_flip": True,
+       "enabled": c.train.get_ref("tta_flip")})
+  c.evals.calibration = ml_collections.ConfigDict(
+      {"type": "calibration", "split": "val", "report_split": "test", "when": "end",
+       "enabled": c.train.get_ref("calibrate")})
 
   c.early_stopping = ml_collections.ConfigDict()
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss

@@ -7,7 +7,8 @@ Order of precedence (later wins):
      e.g. JAXCLF_TRAIN__BATCH_SIZE=256, JAXCLF_OPTIMIZER__LEARNING_RATE=0.05, JAXCLF_SEED=3);
   3. command-line overrides `--config.train.batch_size=256` (or `--set train.batch_size=256`).
 Values are parsed as YAML scalars/lists (`0.05`, `true`, `[32, 64]`) and must match the type of
-the key they replace. Validation (jaxclf.config.validate) runs before any compute.
+the key they replace; `python -m jaxclf.main` hands over the values that ml_collections'
+config_flags parsed already, as (key, value) pairs, through the same set_dotted. Validation (jaxclf.config.validate) runs before any compute.
 """
 from __future__ import annotations
 
@@ -30,12 +31,20 @@ def _load_py(path: str, arg: str | None) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: a config file must define get_config(arg=None)")
-  return module.get_config(arg) if arg is not None else module.get_config()
+  try:  # config files parse `arg` with jaxclf.config.args.parse_arg
+    return module.get_config(arg)
+  except ConfigError as e:
+    raise ConfigError(f"{path}:{arg or ''}: {e}") from None
 
 
 def _merge(base: ml_collections.ConfigDict, update: Mapping[str, Any], prefix: str = "") -> None:
   for key, value in update.items():
     dotted = f"{prefix}{key}"
+    if prefix == "evals." and key not in base:  # a new evaluator entry (validate checks it)
+      base[key] = ml_collections.ConfigDict()
+      for k, v in dict(value or {}).items():
+        base[key][k] = _tuples(v)
+      continue
     check_known_key(base, key, dotted)
     if isinstance(base[key], ml_collections.ConfigDict) and key != "kwargs":
       if not isinstance(value, Mapping):
@@ -81,7 +90,10 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   raise ConfigError(f"config file {path!r}: expected a .py or .yaml file")
 
 
-def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None:
+def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: Any,
+               parsed: bool = False) -> None:
+  """config[dotted] = raw (a YAML scalar/list string, or a typed value when `parsed`), checked
+  against the key's type with a did-you-mean for unknown keys."""
   node = config
   parts = dotted.split(".")
   for i, part in enumerate(parts[:-1]):
@@ -90,7 +102,7 @@ def set_dotted(config: ml_collections.ConfigDict, dotted: str, raw: str) -> None
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
   key = parts[-1]
-  value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+  value = yaml.safe_load(raw) if isinstance(raw, str) and not parsed else raw
   if parts[-2:-1] == ["kwargs"]:
     node[key] = _tuples(value)  # model kwargs are free-form: the model constructor checks them
     return
@@ -127,6 +139,9 @@ def load_config(spec: str, overrides: Iterable[str] = (), environ: Mapping[str, 
     except ConfigError as e:
       raise ConfigError(f"environment variable {ENV_PREFIX}{dotted.upper().replace('.', '__')}: {e}") from None
   for item in overrides:
+    if isinstance(item, tuple):  # (dotted, value already typed): ml_collections config_flags
+      set_dotted(config, item[0], item[1], parsed=True)
+      continue
     item = item[len("--config."):] if item.startswith("--config.") else item
     if "=" not in item:
       raise ConfigError(f"override {item!r}: expected key=value, e.g. train.batch_size=256")

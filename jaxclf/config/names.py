@@ -1,4 +1,5 @@
-"""Name registries: the names a config may use for optimizers, schedules and built-in models.
+"""Name registries: the names a config may use for optimizers, schedules, built-in models and
+evaluator types.
 
 They live here, in the foundation, so that config validation (and search-space validation in
 jaxclf/sweeps) checks names without importing the trainer or building any model. The trainer's
@@ -13,7 +14,7 @@ OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 SCHEDULE_NAMES = ("constant", "exponential", "one_cycle", "plateau", "step", "warmup_cosine")
 
 _CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers", "weight_init")
-_VGG = ("conv_impl", "dropout", "dtype", "layers", "width")
+_VGG = ("conv_impl", "dropout", "dtype", "features_only", "layers", "width")
 _RESNET = ("act", "block_cls", "conv_impl", "dropout", "dtype", "num_filters", "stage_sizes", "stem")
 _EFFICIENTNET = ("bn_momentum", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",
                  "head_features", "lite", "se_ratio", "stages", "stem_features",
@@ -26,6 +27,14 @@ MODEL_ARGS: dict[str, tuple[str, ...]] = {
     "resnet18": _RESNET, "resnet34": _RESNET, "resnet50": _RESNET, "resnet_tiny": _RESNET,
     "efficientnet_b0": _EFFICIENTNET, "efficientnet_lite0": _EFFICIENTNET,
     "efficientnet_tiny": _EFFICIENTNET,
+}
+
+
+# Evaluator type (config.evals.<name>.type) -> the fields an entry of that type may set
+# (jaxclf/train/evaluators.py implements them; `enabled` switches an entry off).
+EVALUATOR_ARGS: dict[str, tuple[str, ...]] = {
+    "classification": ("enabled", "split", "tta_flip", "type", "when"),
+    "calibration": ("enabled", "report_split", "split", "type", "when"),
 }
 
 

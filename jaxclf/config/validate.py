@@ -10,14 +10,30 @@ from typing import Any
 import ml_collections
 
 from jaxclf.config.defaults import default_config
-from jaxclf.config.names import MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES
+from jaxclf.config.names import EVALUATOR_ARGS, MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES
+from jaxclf.config.periodic import Every, RuleError
 
 
 class ConfigError(ValueError):
   """A config problem, always naming the dotted key."""
 
 
+def did_you_mean(value, options) -> str:
+  """' Did you mean 'x'?' for the closest of `options`, or ''."""
+  close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+# Keys that issue 17 replaced by periodic rules: a config still using one is told where it went.
+MOVED = {"train.log_every_steps": "periodic.log (e.g. '50 steps')",
+         "train.checkpoint_every_steps": "periodic.checkpoint (e.g. '200 steps')",
+         "train.eval_every_epochs": "evals.val.when (e.g. '1 epochs')"}
+
+
 def check_known_key(node: ml_collections.ConfigDict, key: str, dotted: str) -> None:
+  if key not in node and dotted in MOVED:
+    raise ConfigError(f"{dotted} is now {MOVED[dotted]}: a periodic rule, '<N> steps', "
+                      "'<N> epochs' or '<N>%'")
   if key not in node:
     close = difflib.get_close_matches(key, list(node.keys()), n=1, cutoff=0.6)
     hint = f" Did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?" if close else ""
@@ -48,6 +64,8 @@ def coerce(old: Any, new: Any, dotted: str) -> Any:
   if isinstance(old, str):
     if new is None:  # `--config.model.pretrained=` (empty) parses as YAML null
       return ""
+    if isinstance(new, bool):  # `--set data.on_device=false` parses as a YAML boolean
+      return "true" if new else "false"
     if not isinstance(new, str):
       if isinstance(new, (int, float)) and not isinstance(new, bool):
         return str(new)
@@ -77,9 +95,8 @@ RANGES = {
     "schedule.decay_rate": (0.0, 1.0), "schedule.plateau_patience": (1, 1000),
     "schedule.plateau_factor": (0.0, 1.0),
     "train.batch_size": (1, 1 << 20), "train.num_epochs": (1, 100_000),
-    "train.label_smoothing": (0.0, 0.99), "train.log_every_steps": (1, None),
-    "train.checkpoint_every_steps": (1, None), "train.keep_checkpoints": (1, 1000),
-    "train.eval_batch_size": (1, 1 << 20), "train.eval_every_epochs": (1, None),
+    "train.label_smoothing": (0.0, 0.99), "train.keep_checkpoints": (1, 1000),
+    "train.eval_batch_size": (1, 1 << 20),
     "train.max_steps": (0, None), "early_stopping.patience": (0, None),
     "early_stopping.min_delta": (0.0, None), "seed": (0, 2**31 - 1), "data.split_seed": (0, 2**31 - 1),
 }
@@ -97,7 +114,7 @@ def _walk(ref: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, prefix
   for key in cfg.keys():
     dotted = f"{prefix}{key}"
     check_known_key(ref, key, dotted)
-    if key == "kwargs":
+    if key in ("kwargs", "evals"):  # free-form: the model / check_evals check them
       continue
     if isinstance(ref[key], ml_collections.ConfigDict):
       if not isinstance(cfg[key], ml_collections.ConfigDict):
@@ -158,6 +175,35 @@ def check_model(name: str, kwargs: dict) -> None:
                         f"It takes: {', '.join(sorted(fields))}")
 
 
+def _check_rule(rule, dotted: str, allow_end: bool = False) -> None:
+  if allow_end and rule == "end":
+    return
+  try:
+    Every.parse(rule)
+  except RuleError as e:
+    raise ConfigError(f"{dotted}: {e}" + (", or 'end'" if allow_end else "")) from None
+
+
+def check_evals(evals: ml_collections.ConfigDict, selection: str) -> None:
+  """Each config.evals entry: a known type, only that type's fields, a valid `when`; the
+  selection evaluator (early_stopping.metric's) exists, is enabled and runs periodically."""
+  for name, entry in evals.items():
+    dotted = f"evals.{name}"
+    if not isinstance(entry, ml_collections.ConfigDict):
+      raise ConfigError(f"{dotted}: expected a section (type, when, ...), got {entry!r}")
+    _choose(entry.get("type"), sorted(EVALUATOR_ARGS), f"{dotted}.type")
+    fields = EVALUATOR_ARGS[entry.type]
+    for key in entry.keys():
+      if key not in fields:
+        raise ConfigError(f"{dotted}.{key}: evaluator type {entry.type!r} takes no field "
+                          f"{key!r}.{did_you_mean(key, fields)} It takes: {', '.join(fields)}")
+    _check_rule(entry.get("when", ""), f"{dotted}.when", allow_end=True)
+  sel = evals.get(selection)
+  if sel is None or not sel.get("enabled", True) or sel.get("when") in ("end", "", None):
+    raise ConfigError(f"evals.{selection}: early_stopping.metric selects by it, so it must be an "
+                      "enabled evaluator with a periodic `when` (e.g. '1 epochs')")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for unknown keys, wrong types, out-of-range values or unknown names."""
   _walk(default_config(), config)
@@ -173,6 +219,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choose(config.optimizer.name, sorted(OPTIMIZER_NAMES), "optimizer.name")
   _choose(config.schedule.name, sorted(SCHEDULE_NAMES), "schedule.name")
   check_model(config.model.name, dict(config.model.kwargs))
+  for key, rule in config.periodic.items():
+    _check_rule(rule, f"periodic.{key}")
+  check_evals(config.evals, config.early_stopping.metric.rsplit("_", 1)[0])
   c = config.data.channels
   for key in ("mean", "std"):
     if len(config.preprocessing[key]) != c:

@@ -21,8 +21,8 @@ from typing import Any
 HPARAM_SECTIONS = ("optimizer", "schedule", "train", "model", "augment", "data", "preprocessing",
                    "early_stopping", "seed")
 _NOT_HPARAMS = ("data.source", "data.cache_dir", "train.progress_bar", "data.read_threads",
-                "data.prefetch_batches", "data.worker_processes", "train.log_every_steps",
-                "train.checkpoint_every_steps")
+                "data.prefetch_batches", "data.worker_processes", "periodic.log",
+                "periodic.checkpoint", "periodic.image_summary")
 
 
 def summarize(record: dict[str, Any], run_dir: str) -> dict[str, Any]:

@@ -22,6 +22,29 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def restore_state(mngr, step: int, state_template, with_meta: bool = True) -> dict[str, Any]:
+  """{'state': TrainState[, 'meta': loop-state JSON]} of checkpoint `step`. A checkpoint written
+  before an optional TrainState field existed (one that is None here, e.g. loss_scale) has no
+  such entry on disk: it is restored without it and the field keeps None."""
+  def restore(state_item):
+    items = {"state": ocp.args.StandardRestore(state_item)}
+    if with_meta:
+      items["meta"] = ocp.args.JsonRestore()
+    return mngr.restore(step, args=ocp.args.Composite(**items))
+
+  abstract = _abstract(state_template)
+  try:
+    return dict(restore(abstract))
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+  present = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract)
+             if f.metadata.get("pytree_node", True) and getattr(abstract, f.name) is not None}
+  out = dict(restore(present))
+  out["state"] = state_template.replace(**out["state"])
+  return out
+
+
 class Checkpointer:
   def __init__(self, run_dir: str, keep: int = 2):
     root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
@@ -31,16 +54,19 @@ class Checkpointer:
     self.best = ocp.CheckpointManager(
         os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
 
-  def save(self, state, meta: dict[str, Any], best: bool = False) -> None:
+  def save(self, state, loop_state, best: bool = False) -> None:
+    """The TrainState plus the loop's LoopState (jaxclf/train/loop_state.py) as JSON, under the
+    item name 'meta' that checkpoints have always used."""
     step = int(jax.device_get(state.step))
     mngr = self.best if best else self.latest
     if mngr.latest_step() == step:
       return
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)))
+                                            meta=ocp.args.JsonSave(loop_state.to_json())))
 
   def restore_latest(self, state_template):
-    """Returns (state, meta) from the newest 'latest' checkpoint, or None."""
+    """Returns (state, loop-state JSON of any version) from the newest 'latest' checkpoint, or
+    None; LoopState.from_json reads the JSON."""
     return self._restore(self.latest, state_template)
 
   def restore_best(self, state_template):
@@ -51,8 +77,7 @@ class Checkpointer:
     step = mngr.latest_step()
     if step is None:
       return None
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state_template)), meta=ocp.args.JsonRestore()))
+    out = restore_state(mngr, step, state_template)
     return out["state"], out["meta"]
 
   def wait(self) -> None:
@@ -156,8 +181,7 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
       mngr.close()
       continue
     step = max(steps)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template)))
+    restored = restore_state(mngr, step, template, with_meta=False)
     mngr.close()
     st = restored["state"]
     return InferenceModel(model, {"params": st.params, "batch_stats": st.batch_stats},

@@ -75,12 +75,52 @@ class TrainInput:
     """What a checkpoint must keep to resume mid-epoch (None: the step says it all)."""
     return it.get_state() if hasattr(it, "get_state") else None
 
+  def stream(self, start: int, end: int, saved_epoch: int | None, saved_state) -> "StepBatches":
+    return StepBatches(self, start, end, saved_epoch, saved_state)
+
   def preview(self, batch, key, step) -> np.ndarray:
     """uint8 images of a batch as the model sees them (for the TensorBoard grid)."""
     if self.on_device:
       x = device_augment.augment(batch["image"][:32], jax.random.fold_in(key, step), self.aug)
       return np.clip(np.asarray(x) + 0.5, 0, 255).astype(np.uint8)
     return transforms.denormalize(batch["image"][:32], self.spec)
+
+
+class StepBatches:
+  """The batches of global steps start+1 .. end, epoch after epoch: the flat loop's one input.
+
+  Multi-process seam: this is where the batches are assembled; each process would take its own
+  shard of every global batch here (and the loop would build the global array from them)."""
+
+  def __init__(self, train_input: TrainInput, start: int, end: int, saved_epoch: int | None,
+               saved_state):
+    self.ti, self.start, self.end = train_input, start, end
+    self.epoch, self.it = saved_epoch, None
+    self.saved_state = saved_state if saved_epoch == start // train_input.steps_per_epoch else None
+    self._gen = self._batches()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._gen)
+
+  def _batches(self):
+    spe, step = self.ti.steps_per_epoch, self.start
+    while step < self.end:
+      epoch = step // spe
+      self.epoch, self.it = epoch, self.ti.epoch_batches(epoch, step, self.saved_state)
+      self.saved_state = None
+      for batch in self.it:
+        yield batch
+        step += 1
+        if step >= self.end or step % spe == 0:
+          break
+      if step < self.end and step % spe:
+        raise DataError(f"epoch {epoch} ended after {step - epoch * spe} of its {spe} batches")
+
+  def iterator_state(self) -> tuple[int | None, Any]:
+    """(epoch, iterator state) of the position after the last batch taken (for checkpoints)."""
+    if self.it is None:
+      return self.epoch, self.saved_state
+    return self.epoch, self.ti.iterator_state(self.it)
 
 
 def eval_batches(split: Split, spec: transforms.PreprocessSpec, batch_size: int, *,

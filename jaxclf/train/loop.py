@@ -1,17 +1,16 @@
 """train_and_evaluate(config, workdir): the whole training run.
 
   validate config -> load + check data (errors before any compute) -> model, optimizer, state
-  -> resume (latest checkpoint | pretrained | fresh) -> epochs of jitted, data-parallel steps
-  -> per-epoch validation, early stopping, best checkpoint, plateau -> test on the best checkpoint
-  -> run.json.
+  -> resume (latest checkpoint | pretrained | fresh) -> a flat loop of jitted, data-parallel
+  steps, each followed by the periodic actions due at it (jaxclf/train/actions.py: log, image
+  summary, evaluators, plateau LR, early stopping, checkpoint; rules in config.periodic and
+  config.evals) -> the 'end' evaluators on the best checkpoint (test, calibration) -> run.json.
 The training core imports no export, serving or tracking-server code.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from functools import partial
@@ -30,17 +29,18 @@ from jaxclf.models.layers import resolve_conv_impl
 from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
 from jaxclf.train import inputs, steps
+from jaxclf.train.actions import NonFiniteError, check_finite, run_actions
 from jaxclf.train.checkpoints import Checkpointer
+from jaxclf.train.context import Progress, TrainRun
+from jaxclf.train.evaluators import create_evaluators
+from jaxclf.train.loop_state import LoopState
 from jaxclf.train.optimizers import create_optimizer
 from jaxclf.train.schedules import create_learning_rate_fn
 from jaxclf.train.state import count_params, create_train_state
 from jaxclf.train.writer import MetricWriter
 
 log = logging.getLogger("jaxclf.train")
-
-
-class NonFiniteError(FloatingPointError):
-  pass
+__all__ = ["NonFiniteError", "create_preprocess_spec", "train_and_evaluate"]
 
 
 def create_preprocess_spec(config, class_names) -> transforms.PreprocessSpec:
@@ -52,86 +52,71 @@ def create_preprocess_spec(config, class_names) -> transforms.PreprocessSpec:
       class_names=tuple(class_names))
 
 
-def _make_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ("data",))
-
-
-class _Progress:
-  """tqdm bar with ETA when available and enabled; plain log lines otherwise."""
-
-  def __init__(self, enabled: bool, total: int, initial: int):
-    self.bar = None
-    if enabled:
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        mininterval=1.0, smoothing=0.05)
-      except ImportError:
-        pass
-
-  def update(self, n: int, **postfix):
-    if self.bar is not None:
-      self.bar.update(n)
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
-
-  def write(self, msg: str):
-    if self.bar is not None:
-      self.bar.write(msg)
-    else:
-      print(msg, flush=True)
-
-  def close(self):
-    if self.bar is not None:
-      self.bar.close()
-
-
-def _improved(value, best, mode, min_delta):
-  if best is None:
-    return True
-  return value > best + min_delta if mode == "max" else value < best - min_delta
-
-
-def evaluate_split(state, split, spec, config, eval_steps, data_sharding, failures=None,
-                   with_logits: bool = False) -> dict:
-  """Loss and accuracy of `state` on every example of `split` (padding masked out).
-  `eval_steps`: {on_device: jitted eval step} for uint8 (device) or preprocessed (host) batches."""
-  bs = int(config.train.eval_batch_size)
-  n_dev = data_sharding.mesh.size
-  bs = max(n_dev, bs - bs % n_dev)
-  on_device = inputs.use_device_path(config.data.on_device, split, spec, None)
-  total, logits, labels = None, [], []
-  for batch in inputs.eval_batches(split, spec, bs, on_device=on_device,
-                                   max_pixels=int(config.data.max_pixels),
-                                   read_threads=int(config.data.read_threads), failures=failures):
-    m, out = eval_steps[on_device](state, jax.device_put(batch, data_sharding))
-    total = m if total is None else total.merge(m)
-    if with_logits:
-      keep = batch["label"] >= 0
-      logits.append(np.asarray(out)[keep])
-      labels.append(batch["label"][keep])
-  if total is None:
-    return {}
-  c = total.compute()
-  result = {"loss": float(c["loss"]), "accuracy": float(c["accuracy"]),
-            "count": int(jax.device_get(total.accuracy.count))}
-  if with_logits:
-    result["logits"], result["labels"] = np.concatenate(logits), np.concatenate(labels)
-  return result
-
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        epoch_callback=None) -> dict[str, Any]:
   """Trains, evaluates on the held-out test split with the best checkpoint, returns run.json.
 
-  `epoch_callback(entry)`, if given, runs after each validation with that epoch's history entry
+  `epoch_callback(entry)`, if given, runs after each validation with that history entry
   (epoch, step, val_loss, val_accuracy, train_loss: validation only, never test). A truthy return
   stops the run with that string as its status (a sweep's pruner returns "pruned")."""
   validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  dataset, spec, aug = _load_and_check_data(config, workdir)  # before any compilation
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  steps_per_epoch, total_steps = _steps(config, dataset, mesh.size)
 
-  # ---- data: every problem surfaces here, before any compilation.
+  model = create_model_from_config(config, dataset.num_classes)
+  if hasattr(model, "conv_impl"):  # built-ins; a custom model keeps its own convolutions
+    model = model.clone(conv_impl=resolve_conv_impl(config.model.conv_impl))
+  init_rng, dropout_key, augment_key = jax.random.split(jax.random.key(int(config.seed)), 3)
+  state = create_train_state(init_rng, model, spec.input_shape, create_optimizer(config))
+  ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+  state, loop_state, resumed_step = _restore_or_initialise(config, ckpt, state, model, dataset,
+                                                           steps_per_epoch, workdir)
+
+  repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  failures = pipeline.DecodeFailures()
+  train_input = _create_train_input(config, dataset.split("train"), spec, aug, steps_per_epoch,
+                                    failures)
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch,
+                                  steps_per_epoch * int(config.train.num_epochs))
+  train_step = jax.jit(
+      partial(steps.train_step, lr_fn=lr_fn, label_smoothing=float(config.train.label_smoothing),
+              class_weights=jnp.asarray(class_weights(dataset.split("train").labels,
+                                                      dataset.num_classes,
+                                                      config.train.class_weights)),
+              dropout_key=dropout_key, prepare=train_input.prepare_fn(augment_key)),
+      in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
+  step = int(jax.device_get(state.step))
+  run = TrainRun(
+      config=config, workdir=workdir, dataset=dataset, spec=spec,
+      state=jax.device_put(state, repl), loop=loop_state, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, start_step=step, train_input=train_input,
+      eval_steps=_create_eval_steps(dataset.num_classes, spec, repl, data_sharding),
+      data_sharding=data_sharding, failures=failures, ckpt=ckpt,
+      # Multi-process seam: the writer, record and progress bar are process 0's.
+      writer=MetricWriter(os.path.join(workdir, "tb")), record=RunRecord(workdir),
+      progress=Progress(bool(config.train.progress_bar), total_steps, step),
+      augment_key=augment_key, epoch_callback=epoch_callback, evals=create_evaluators(config))
+  _start_record(run, model, resumed_step, mesh.size)
+  try:
+    _train(run, train_step)
+    metrics, calibration = _final_evaluation(run, repl)
+  except BaseException as e:
+    run.record.finish("failed", error=f"{type(e).__name__}: {e}")
+    raise
+  finally:
+    run.progress.close()
+    run.writer.close()
+    run.ckpt.close()  # waits for the asynchronous saves
+  return _finish(run, metrics, calibration)
+
+
+def _load_and_check_data(config, workdir):
+  """Dataset, preprocessing and augmentation specs; every data problem surfaces here, and the
+  run directory gets data_report.json, config.json and preprocessing.json."""
   dataset = load_dataset(config.data)
   for name in ("train", "val"):
     if len(dataset.split(name).labels) == 0:
@@ -145,256 +130,139 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     json.dump(config.to_dict(), f, indent=2, default=list)
   with open(os.path.join(workdir, "preprocessing.json"), "w") as f:
     f.write(spec.to_json())
+  return dataset, spec, aug
 
-  mesh = _make_mesh()
-  n_dev = mesh.size
+
+def _steps(config, dataset, n_dev: int) -> tuple[int, int]:
+  """(steps per epoch, the planned last step: num_epochs worth or train.max_steps)."""
   batch_size = int(config.train.batch_size)
   if batch_size % n_dev:
     raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_dev} devices")
-  train_split = dataset.split("train")
-  steps_per_epoch = len(train_split.labels) // batch_size
+  n_train = len(dataset.split("train").labels)
+  steps_per_epoch = n_train // batch_size
   if steps_per_epoch == 0:
     raise DataError(f"train.batch_size={batch_size} is larger than the train split "
-                    f"({len(train_split.labels)} images)")
-  total_steps = steps_per_epoch * int(config.train.num_epochs)
-  max_steps = int(config.train.max_steps) or total_steps
+                    f"({n_train} images)")
+  total = steps_per_epoch * int(config.train.num_epochs)
+  return steps_per_epoch, min(total, int(config.train.max_steps) or total)
 
-  # ---- model and state.
-  model = create_model_from_config(config, dataset.num_classes)
-  conv_impl = resolve_conv_impl(config.model.conv_impl)
-  if hasattr(model, "conv_impl"):  # built-ins; a custom model keeps its own convolutions
-    model = model.clone(conv_impl=conv_impl)
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  tx = create_optimizer(config)
-  rng = jax.random.key(int(config.seed))
-  init_rng, dropout_key, augment_key = jax.random.split(rng, 3)
-  state = create_train_state(init_rng, model, spec.input_shape, tx)
-  ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
-  meta: dict[str, Any] = {"epoch": 0, "iter_state": None, "best": None, "bad_epochs": 0,
-                          "plateau_bad": 0, "plateau_best": None, "history": []}
+
+def _restore_or_initialise(config, ckpt, state, model, dataset, steps_per_epoch, workdir):
+  """-> (state, LoopState, resumed step or None): the latest checkpoint (any loop-state
+  version), else model.pretrained's weights, else the fresh initialisation."""
   restored = ckpt.restore_latest(state)
-  resumed_step = None
   if restored is not None:
     state, meta = restored
-    resumed_step = int(state.step)
-    log.info("resuming from %s/checkpoints/latest at step %d", workdir, resumed_step)
-  elif config.model.pretrained:
+    step = int(state.step)
+    log.info("resuming from %s/checkpoints/latest at step %d", workdir, step)
+    return state, LoopState.from_json(meta, step=step, steps_per_epoch=steps_per_epoch), step
+  if config.model.pretrained:
     from jaxclf.models.pretrained import load_pretrained  # only when asked for
     variables = load_pretrained(config.model.pretrained, model,
                                 {"params": state.params, "batch_stats": state.batch_stats},
                                 dataset.num_classes)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  return state, LoopState(), None
 
-  repl = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
-  state = jax.device_put(state, repl)
-  cw = jnp.asarray(class_weights(train_split.labels, dataset.num_classes,
-                                 config.train.class_weights))
-  failures = pipeline.DecodeFailures()
-  train_input = inputs.TrainInput(
-      train_split, spec, aug, batch_size, steps_per_epoch, int(config.seed), config.data.sampler,
+
+def _create_train_input(config, train_split, spec, aug, steps_per_epoch, failures):
+  return inputs.TrainInput(
+      train_split, spec, aug, int(config.train.batch_size), steps_per_epoch, int(config.seed),
+      config.data.sampler,
       on_device=inputs.use_device_path(config.data.on_device, train_split, spec, aug),
       grain_transform=pipeline.TrainTransform(spec, aug, int(config.data.max_pixels), failures),
       read_threads=int(config.data.read_threads), prefetch=int(config.data.prefetch_batches),
       worker_processes=int(config.data.worker_processes))
-  train_step = jax.jit(
-      partial(steps.train_step, lr_fn=lr_fn, label_smoothing=float(config.train.label_smoothing),
-              class_weights=cw, dropout_key=dropout_key,
-              prepare=train_input.prepare_fn(augment_key)),
-      in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
-  eval_steps, tta_eval_steps = ({
-      on_device: jax.jit(partial(steps.eval_step, num_classes=dataset.num_classes, tta_flip=tta,
-                                 prepare=device_augment.make_prepare_fn(spec, None, None)
-                                 if on_device else None),
-                         in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
-      for on_device in (False, True)} for tta in (False, True))
 
-  writer = MetricWriter(os.path.join(workdir, "tb"))
-  record = RunRecord(workdir)
-  n_params = count_params(state.params)
-  record.start(config, dataset.summary(), {"name": config.model.name, "params": n_params,
-                                           "kwargs": dict(config.model.kwargs),
-                                           "conv_impl": getattr(model, "conv_impl", "model's own"),
-                                           "input_path": "on_device" if train_input.on_device
-                                           else "grain"}, resumed_step)
+
+def _create_eval_steps(num_classes, spec, repl, data_sharding) -> dict:
+  """{tta_flip: {on_device: jitted eval step}} for uint8 (device) or preprocessed batches."""
+  return {tta: {on_device: jax.jit(
+      partial(steps.eval_step, num_classes=num_classes, tta_flip=tta,
+              prepare=device_augment.make_prepare_fn(spec, None, None) if on_device else None),
+      in_shardings=(repl, data_sharding), out_shardings=(repl, repl))
+      for on_device in (False, True)} for tta in (False, True)}
+
+
+def _start_record(run, model, resumed_step, n_dev: int) -> None:
+  config, dataset, ti = run.config, run.dataset, run.train_input
+  n_params = count_params(run.state.params)
+  conv_impl = getattr(model, "conv_impl", "model's own")
+  run.record.start(config, dataset.summary(), {
+      "name": config.model.name, "params": n_params, "kwargs": dict(config.model.kwargs),
+      "conv_impl": conv_impl, "input_path": "on_device" if ti.on_device else "grain"},
+      resumed_step)
   if resumed_step is None:
-    writer.write_hparams({k: v for k, v in record.data["config"].items()
-                          if not isinstance(v, list)})
-  es = config.early_stopping
-  es_mode = "max" if es.metric.endswith("accuracy") else "min"
+    run.writer.write_hparams({k: v for k, v in run.record.data["config"].items()
+                              if not isinstance(v, list)})
   log.info("model %s: %d params, conv %s; %d train / %d val / %d test images; %d steps/epoch on "
-           "%d device(s); batches %s", config.model.name, n_params, conv_impl,
-           len(train_split.labels), len(dataset.split("val").labels),
-           len(dataset.splits.get("test").labels) if "test" in dataset.splits else 0,
-           steps_per_epoch, n_dev, "augmented on the device" if train_input.on_device
-           else "from Grain")
-
-  step = int(jax.device_get(state.step))
-  progress = _Progress(bool(config.train.progress_bar), min(total_steps, max_steps), step)
-  status = "completed"
-  t_run = time.time()
-  try:
-    epoch = int(meta["epoch"])
-    while epoch < int(config.train.num_epochs) and step < max_steps:
-      it = train_input.epoch_batches(epoch, step, meta.get("iter_state"))
-      meta["iter_state"] = None
-      window = {"wait": 0.0, "t0": time.time(), "steps": 0}
-      acc_metrics = None
-      prev = None  # the previous step's metrics: checked for NaN while this step runs
-      while step < max_steps:
-        t_wait = time.time()
-        try:
-          batch = next(it)
-        except StopIteration:
-          break
-        window["wait"] += time.time() - t_wait
-        if step == 0 or (resumed_step is not None and step == resumed_step):
-          grid = transforms.image_grid(train_input.preview(batch, augment_key, step))
-          writer.write_images(step, {"train/augmented_batch": grid})
-        state, m = train_step(state, jax.device_put(batch, data_sharding))
-        if prev is not None:
-          _check_finite(prev, step)  # blocks only on the previous step: the queue stays full
-        prev = m
-        acc_metrics = m if acc_metrics is None else acc_metrics.merge(m)
-        step += 1
-        window["steps"] += 1
-        progress.update(1)
-        if step % int(config.train.log_every_steps) == 0 or step == max_steps:
-          _check_finite(m, step)
-          c = {k: float(v) for k, v in acc_metrics.compute().items()}
-          dt = time.time() - window["t0"]
-          c.update({"steps_per_sec": window["steps"] / dt,
-                    "images_per_sec": window["steps"] * batch_size / dt,
-                    "data_wait_share": window["wait"] / dt, "epoch": step / steps_per_epoch})
-          writer.write_scalars(step, {f"train/{k}": v for k, v in c.items()})
-          progress.update(0, loss=f"{c['loss']:.3f}", acc=f"{c['accuracy']:.3f}",
-                          img_s=f"{c['images_per_sec']:.0f}", wait=f"{c['data_wait_share']:.1%}")
-          meta.setdefault("last_train", {}).update(c)
-          acc_metrics, window = None, {"wait": 0.0, "t0": time.time(), "steps": 0}
-        if step % int(config.train.checkpoint_every_steps) == 0 and step < max_steps:
-          ckpt.save(state, {**meta, "epoch": epoch, "iter_state": train_input.iterator_state(it)})
-      if prev is not None:
-        _check_finite(prev, step)
-      if step >= max_steps and step % steps_per_epoch:
-        ckpt.save(state, {**meta, "epoch": epoch, "iter_state": train_input.iterator_state(it)})
-        break  # a max_steps stop mid-epoch: no epoch-end evaluation
-      epoch += 1
-      meta["epoch"] = epoch
-      if epoch % int(config.train.eval_every_epochs) == 0 or epoch == int(config.train.num_epochs):
-        val = evaluate_split(state, dataset.split("val"), spec, config, eval_steps, data_sharding,
-                             failures)
-        writer.write_scalars(step, {"val/loss": val["loss"], "val/accuracy": val["accuracy"]})
-        meta["history"].append({"epoch": epoch, "step": step, "val_loss": val["loss"],
-                                "val_accuracy": val["accuracy"],
-                                "train_loss": meta.get("last_train", {}).get("loss"),
-                                "wall_time": time.time()})
-        progress.write(f"epoch {epoch}/{config.train.num_epochs} step {step}: val loss "
-                       f"{val['loss']:.4f} acc {val['accuracy']:.4f} "
-                       f"({time.time() - t_run:.0f}s)")
-        value = val["accuracy"] if es_mode == "max" else val["loss"]
-        if _improved(value, meta["best"] and meta["best"]["value"], es_mode, float(es.min_delta)):
-          meta["best"] = {"step": step, "epoch": epoch, "metric": es.metric, "value": value,
-                          "val": val}
-          meta["bad_epochs"] = 0
-          ckpt.save(state, {**meta, "iter_state": None}, best=True)
-        else:
-          meta["bad_epochs"] += 1
-        if config.schedule.name == "plateau":
-          state, meta = _plateau(state, meta, val["loss"], config.schedule, writer, step)
-        ckpt.save(state, {**meta, "iter_state": None})
-        record.update(metrics={"val": meta["best"]["val"] if meta["best"] else None},
-                      history=meta["history"])
-        stop = epoch_callback(dict(meta["history"][-1])) if epoch_callback else None
-        if stop:
-          status = str(stop)
-          break
-        if es.patience and meta["bad_epochs"] >= es.patience:
-          progress.write(f"early stopping: {es.metric} has not improved by {es.min_delta} "
-                         f"for {es.patience} epochs (best {meta['best']['value']:.4f} at epoch "
-                         f"{meta['best']['epoch']})")
-          status = "early_stopped"
-          break
-  except BaseException as e:
-    progress.close()
-    ckpt.wait()
-    record.finish("failed", error=f"{type(e).__name__}: {e}")
-    writer.close()
-    raise
-  progress.close()
-  ckpt.wait()
-
-  # ---- held-out test on the best-by-validation checkpoint (never used for selection).
-  best_ckpt = ckpt.restore_best(state)
-  eval_state = jax.device_put(best_ckpt[0] if best_ckpt is not None else state, repl)
-  result_metrics, calibration = _final_evaluation(
-      eval_state, dataset, spec, config, workdir, eval_steps, tta_eval_steps, data_sharding,
-      failures, meta["best"]["val"] if meta["best"] else None)
-  if "test" in result_metrics:
-    test = result_metrics["test"]
-    writer.write_scalars(step, {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-    log.info("test accuracy %.4f (single view, best checkpoint, step %s)", test["accuracy"],
-             meta["best"]["step"] if meta["best"] else step)
-  if failures.items:
-    dataset.report.setdefault("pipeline_decode_failures", failures.items)
-    write_report(dataset, os.path.join(workdir, "data_report.json"))
-  writer.close()
-  ckpt.close()
-  final_status = status if step >= total_steps or status != "completed" else "stopped"
-  record.finish(final_status, metrics=result_metrics, best=meta["best"] and {
-      k: meta["best"][k] for k in ("step", "epoch", "metric", "value")},
-                final_step=step, history=meta["history"],
-                last_train=meta.get("last_train"), calibration=calibration)
-  return record.data
+           "%d device(s); batches %s; evaluators %s", config.model.name, n_params, conv_impl,
+           len(dataset.split("train").labels), len(dataset.split("val").labels),
+           len(dataset.splits["test"].labels) if "test" in dataset.splits else 0,
+           run.steps_per_epoch, n_dev, "augmented on the device" if ti.on_device
+           else "from Grain", ", ".join(f"{n} ({e.when})" for n, e in run.evals.items()))
 
 
-def _final_evaluation(state, dataset, spec, config, workdir, eval_steps, tta_eval_steps,
-                      data_sharding, failures, best_val):
-  """Temperature fit on val, then the test split: single view (the served model's figure), and
-  with flip TTA as an extra, labelled figure when train.tta_flip asks for it.
-  Returns (metrics for run.json, calibration record or None)."""
-  metrics: dict[str, Any] = {"val": best_val}
+def _train(run: TrainRun, train_step) -> None:
+  """The flat step loop: one jitted step, then every periodic action due at that step."""
+  start = run.start_step
+  run.batches = run.train_input.stream(start, run.total_steps, run.loop.iter_epoch,
+                                       run.loop.iter_state)
+  if run.loop.resume_pending:  # a pre-LoopState checkpoint saved before its epoch-end actions
+    run_actions(run, start)
+  prev = None  # the previous step's metrics: checked for NaN while this step runs
+  for step in range(start + 1, run.total_steps + 1):
+    t_wait = time.time()
+    batch = next(run.batches)
+    wait = time.time() - t_wait
+    # Multi-process seam: the global batch would be built from each process's shard here.
+    run.state, m = train_step(run.state, jax.device_put(batch, run.data_sharding))
+    if prev is not None:
+      check_finite(prev, step - 1)  # blocks only on the previous step: the queue stays full
+    prev, run.last_batch = m, batch
+    run.window.add(m, wait)
+    run.progress.update(1)
+    run_actions(run, step)
+    if run.stop:
+      break
+  if prev is not None:
+    check_finite(prev, int(jax.device_get(run.state.step)))
+
+
+def _final_evaluation(run: TrainRun, repl):
+  """The when='end' evaluators (test, flip TTA, calibration) on the best-by-validation
+  checkpoint (never used for selection). -> (run.json metrics, calibration record or None)."""
+  run.progress.close()
+  run.ckpt.wait()
+  best = run.ckpt.restore_best(run.state)
+  state = jax.device_put(best[0], repl) if best is not None else run.state
+  step = int(jax.device_get(run.state.step))
+  run.finishing = True
+  metrics: dict[str, Any] = {"val": run.loop.best["val"] if run.loop.best else None}
   calibration = None
-  has = lambda name: name in dataset.splits and len(dataset.split(name).labels) > 0
-  if config.train.calibrate and has("val"):
-    from jaxclf import calibration as calib  # numpy + scipy only
-    val = evaluate_split(state, dataset.split("val"), spec, config, eval_steps, data_sharding,
-                         failures, with_logits=True)
-    calibration = calib.calibrate(val["logits"], val["labels"])
-    spec = dataclasses.replace(spec, temperature=float(calibration["temperature"]))
-    with open(os.path.join(workdir, "preprocessing.json"), "w") as f:
-      f.write(spec.to_json())
-  if has("test"):
-    test = evaluate_split(state, dataset.split("test"), spec, config, eval_steps, data_sharding,
-                          failures, with_logits=calibration is not None)
-    if calibration is not None:
-      logits, labels = test.pop("logits"), test.pop("labels")
-      calibration["test_ece_before"] = calib.ece(logits, labels)
-      calibration["test_ece_after"] = calib.ece(logits, labels, spec.temperature)
-    metrics["test"] = test
-    if config.train.tta_flip:
-      metrics["test_tta"] = {**evaluate_split(state, dataset.split("test"), spec, config,
-                                              tta_eval_steps, data_sharding, failures),
-                             "note": "flip TTA (mean of the image and its mirror); the exported "
-                                     "model serves a single view: see metrics.test"}
+  for name, evaluator in run.evals.items():
+    if evaluator.when == "end":
+      out = evaluator(run, state, step)
+      if out is not None and evaluator.run_json_key == "calibration":
+        calibration = out
+      elif out is not None:
+        metrics[name] = out
+  if "test" in metrics:
+    log.info("test accuracy %.4f (single view, best checkpoint, step %s)",
+             metrics["test"]["accuracy"], run.loop.best["step"] if run.loop.best else step)
   return metrics, calibration
 
 
-def _check_finite(m, step):
-  loss = float(jax.device_get(m.loss.compute()))
-  gn = float(jax.device_get(m.grad_norm.compute()))
-  if not (math.isfinite(loss) and math.isfinite(gn)):
-    raise NonFiniteError(f"non-finite training loss/gradient at step {step} (loss={loss}, "
-                         f"grad_norm={gn}); lower optimizer.learning_rate, set "
-                         "optimizer.grad_clip_norm, or check the input data")
-
-
-def _plateau(state, meta, val_loss, sc, writer, step):
-  if meta["plateau_best"] is None or val_loss < meta["plateau_best"]:
-    meta["plateau_best"], meta["plateau_bad"] = val_loss, 0
-  else:
-    meta["plateau_bad"] += 1
-    if meta["plateau_bad"] >= sc.plateau_patience:
-      state = state.replace(lr_scale=state.lr_scale * sc.plateau_factor)
-      meta["plateau_bad"] = 0
-      writer.write_scalars(step, {"train/lr_scale": float(state.lr_scale)})
-  return state, meta
+def _finish(run: TrainRun, metrics: dict, calibration) -> dict[str, Any]:
+  if run.failures.items:
+    run.dataset.report.setdefault("pipeline_decode_failures", run.failures.items)
+    write_report(run.dataset, os.path.join(run.workdir, "data_report.json"))
+  step = int(jax.device_get(run.state.step))
+  planned = run.steps_per_epoch * int(run.config.train.num_epochs)
+  status = run.status if step >= planned or run.status != "completed" else "stopped"
+  best = run.loop.best
+  run.record.finish(status, metrics=metrics,
+                    best=best and {k: best[k] for k in ("step", "epoch", "metric", "value")},
+                    final_step=step, history=run.loop.history, last_train=run.loop.last_train,
+                    calibration=calibration)
+  return run.record.data
