@@ -12,8 +12,9 @@ from flax.training import train_state
 class TrainState(train_state.TrainState):
   batch_stats: Any
   lr_scale: jax.Array
-  # precision.DynamicLossScale for float16 compute, else None (an empty subtree: fp32 and bf16
-  # checkpoints keep the structure they had before this field existed).
+  # precision.DynamicLossScale for float16 compute, else None. Checkpoints written before this
+  # field existed lack it; orbax refuses such a tree mismatch, so checkpoints.restore_state
+  # restores the fields present and leaves this one None (tests/test_train.py's old fixture).
   loss_scale: Any = None
 
 
