@@ -20,6 +20,7 @@ COMMAND_GROUPS = [
     ("serving.predict_cli", "add_serve_commands"),
     ("jaxclf.sweeps.cli", "add_sweep_commands"),
     ("jaxclf.tracking.compare", "add_runs_commands"),
+    ("jaxclf.models.weights_cli", "add_weights_commands"),
 ]
 
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from absl import logging as absl_logging  # orbax logs every save at INFO through absl
   absl_logging.set_verbosity(absl_logging.WARNING)
-  args = build_parser().parse_args(argv)
+  from jaxclf.data.data_cli import parse  # `data ingest --runner=...` passes Beam's options on
+  args = parse(build_parser(), argv)
   args.config_overrides = config_overrides
   if args.command in _JAX_COMPUTE_COMMANDS:  # before the JAX backend starts its threads
     from jaxclf.ops.host_memory import reuse_freed_memory

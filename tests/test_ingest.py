@@ -69,7 +69,8 @@ def test_folder_ingest_writes_shards_manifest_and_card(messy_folder, tmp_path):
     for s in split["shards"]:
       assert ingested.sha256_file(out / s["file"]) == s["sha256"]
       assert os.path.getsize(out / s["file"]) == s["bytes"]
-  rec = m["records"]["train"][0]
+  assert m["format_version"] == 2 and "records" not in m  # the index is in Parquet files
+  rec = ingested.read_records(str(out), m)["train"][0]
   assert set(rec) >= {"uri", "sha256", "size", "format", "height", "width", "label"}
   assert not (out / ".partial").exists()
   card = (out / "README.md").read_text()
@@ -161,6 +162,11 @@ def _kill_when(cmd, ready, timeout=60.0):
       proc.wait()
 
 
+def tree_bytes(root):
+  """relative path -> bytes of every file under root (shards, index/*.parquet, manifest, card)."""
+  return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def _lines(path):
   try:
     with open(path) as f:
@@ -185,9 +191,9 @@ def test_kill_9_midway_then_rerun_is_byte_identical(tmp_path):
   assert _lines(partial / "checks.jsonl") >= 1200  # the first run's checks were reused
   # ... and finished by a third run.
   subprocess.run(_ingest_cmd(root, crashed), cwd=REPO, check=True, capture_output=True)
-  assert sorted(os.listdir(clean)) == sorted(os.listdir(crashed))
-  for name in os.listdir(clean):
-    assert (clean / name).read_bytes() == (crashed / name).read_bytes(), name
+  files = tree_bytes(clean)
+  assert any(f.startswith("index/") for f in files)  # the Parquet record index, byte-identical too
+  assert files == tree_bytes(crashed)
   m = json.loads((crashed / "manifest.json").read_text())
   assert m["num_records"] == 1200 and len(m["splits"]["train"]["shards"]) > 3
 
@@ -224,8 +230,7 @@ def test_resume_reuses_journaled_checks_and_shards(tmp_path, monkeypatch):
   monkeypatch.setattr(ingest.scan, "check_files", counting_check)
   ingest.ingest(str(root), opts(crashed, shard_mb=0.003))
   assert checked_calls["n"] == 0  # every check came from the journal
-  for name in os.listdir(clean):
-    assert (clean / name).read_bytes() == (crashed / name).read_bytes(), name
+  assert tree_bytes(clean) == tree_bytes(crashed)
 
 
 def test_out_inside_the_source_folder_is_refused(tmp_path):
@@ -293,7 +298,7 @@ def test_tar_ingest_refuses_traversal_and_links(tmp_path):
   assert stages["dog/broken.jpg"][0] == "header"
   assert m["num_records"] + m["report"]["num_skipped"] == 10 + 1 + 4
   assert not list(tmp_path.rglob("escaped.png"))
-  assert all(r["uri"].startswith(f"{path}#") for r in m["records"]["train"])
+  assert all(r["uri"].startswith(f"{path}#") for r in ingested.read_records(str(out), m)["train"])
   assert load_dataset(cfg_for(out)).version == m["version"]
 
 
@@ -404,6 +409,35 @@ def test_cli_info_and_diff(messy_folder, tmp_path, capsys):
   assert "identical" in capsys.readouterr().out
   assert data_cli.main(["data", "info", str(tmp_path / "nope")]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_one_file_and_parquet_index_layouts_read_alike(tmp_path, capsys):
+  """format_version 2 (summary in manifest.json, records in index/*.parquet) and the one-file
+  format_version 1 (`--index json`, what older jaxclf wrote) hold the same dataset: training,
+  `data info` and `data diff` read either, and a v1 manifest from before the index still loads."""
+  root = tmp_path / "d"
+  corpus.write_class_folder(str(root), {"a": 12, "b": 12}, size=(8, 8))
+  v2, v1 = tmp_path / "v2", tmp_path / "v1"
+  m2 = ingest.ingest(str(root), opts(v2, shard_mb=0.001))
+  m1 = ingest.ingest(str(root), opts(v1, shard_mb=0.001, index="json"))
+  assert m2["format_version"] == 2 and "records" not in m2 and m2["index"]["format"] == "parquet"
+  assert m1["format_version"] == 1 and "index" not in m1
+  assert len(m2["index"]["files"]["train"]) == len(m2["splits"]["train"]["shards"]) > 1
+  assert ingested.read_records(str(v2), m2) == m1["records"]
+  assert content(load_dataset(cfg_for(v2))) == content(load_dataset(cfg_for(v1)))
+  assert load_dataset(cfg_for(v2)).version == load_dataset(cfg_for(v1)).version == m2["version"]
+  # A limited load (first n records per split) reads the same prefix from either layout.
+  assert content(load_dataset(cfg_for(v2, limit_per_split=5))) == \
+      content(load_dataset(cfg_for(v1, limit_per_split=5)))
+  assert data_cli.main(["data", "diff", str(v1), str(v2)]) == 0
+  assert "identical" in capsys.readouterr().out
+  assert data_cli.main(["data", "info", str(v2), "--json"]) == 0
+  assert json.loads(capsys.readouterr().out)["version"] == m2["version"]
+  # A truncated index file is a clear error naming it.
+  bad = v2 / m2["index"]["files"]["train"][0]["file"]
+  bad.write_bytes(bad.read_bytes()[:20])
+  with pytest.raises(DataError, match="not a readable Parquet index"):
+    load_dataset(cfg_for(v2))
 
 
 def test_ingested_load_errors_are_clear(tmp_path):

@@ -185,7 +185,7 @@ def test_ingest_tar_gz_over_https_url(http_server, tmp_path):
   url = f"{http_server.base}/files/photos.tar.gz"
   m = ingest.ingest(url, opts(tmp_path / "ds"))
   assert m["num_records"] == 10 and m["classes"] == ["cat", "dog"]
-  assert m["records"]["train"][0]["uri"].startswith(url + "#")
+  assert ingested.read_records(str(tmp_path / "ds"), m)["train"][0]["uri"].startswith(url + "#")
   local = load_dataset(cfg_for(folder))
   assert m["version"] == local.version  # same pictures, labels and splits as the folder
   with pytest.raises(DataError, match="HTTP 404"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 
 from jaxclf.data.dataset import DataError
@@ -33,7 +35,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ing.add_argument("source", help="folder | .tar/.tar.gz/.zip (path, s3://, https://) | .csv/.jsonl "
                                   "manifest | s3://bucket/prefix/ | tfds:NAME | fashion_mnist")
-  ing.add_argument("--out", required=True, help="output folder (local)")
+  ing.add_argument("--out", required=True,
+                   help="output folder (local; with --runner also s3:// or gs://)")
   ing.add_argument("--name", default="", help="dataset name (default: from the source)")
   ing.add_argument("--license", default="unknown", help="licence of the images, for the card")
   ing.add_argument("--description", default="")
@@ -45,7 +48,18 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
   ing.add_argument("--http-concurrency", type=int, default=8)
   ing.add_argument("--tfds-data-dir", default="")
   ing.add_argument("--force", action="store_true", help="replace a different dataset in --out")
-  ing.set_defaults(func=run_ingest)
+  ing.add_argument("--index", default="parquet", choices=("parquet", "json"),
+                   help="per-record index: Parquet files next to the shards (format_version 2), "
+                        "or inline in manifest.json (format_version 1, for older readers)")
+  ing.add_argument("--no-near-duplicates", dest="near_duplicates", action="store_false",
+                   help="skip the dHash near-duplicate report (minutes at millions of images)")
+  ing.add_argument("--runner", default="", choices=BEAM_RUNNERS, metavar="RUNNER",
+                   help=f"{'|'.join(BEAM_RUNNERS)}: run as an Apache Beam pipeline on this "
+                        "runner (in .venv-beam; set it up "
+                        "with `bash scripts/setup_beam_env.sh`). Other --options go to Beam, e.g. "
+                        "--direct_num_workers=2 --direct_running_mode=multi_processing, or "
+                        "--project/--region/--temp_location for dataflow. Default: the local path")
+  ing.set_defaults(func=run_ingest, accepts_pipeline_args=True)
 
   info = sub.add_parser("info", help="counts per class/split, imbalance, sizes, formats, skips")
   info.add_argument("dataset", help="an ingested dataset (folder or URL) or any ingest source")
@@ -75,12 +89,59 @@ def _options(args):
       workers=getattr(args, "workers", 0), http_timeout=getattr(args, "http_timeout", 30.0),
       http_retries=getattr(args, "http_retries", 3),
       http_concurrency=getattr(args, "http_concurrency", 8),
-      tfds_data_dir=getattr(args, "tfds_data_dir", ""), force=getattr(args, "force", False))
+      tfds_data_dir=getattr(args, "tfds_data_dir", ""), force=getattr(args, "force", False),
+      index=getattr(args, "index", "parquet"),
+      near_duplicates=getattr(args, "near_duplicates", True))
+
+
+BEAM_RUNNERS = ("direct", "dataflow", "flink", "spark", "portable")
+BEAM_SETUP = "bash scripts/setup_beam_env.sh"
+
+
+def beam_python() -> str | None:
+  """The interpreter of .venv-beam (or $JAXCLF_BEAM_PYTHON), if it exists."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  py = os.environ.get("JAXCLF_BEAM_PYTHON") or os.path.join(repo, ".venv-beam", "bin", "python")
+  return py if os.access(py, os.X_OK) else None
+
+
+def _ingest_argv(args) -> list[str]:
+  """This ingest as `jaxclf.data.data_cli` arguments, to re-run it in .venv-beam."""
+  argv = ["data", "ingest", args.source, "--out", args.out, "--runner", args.runner]
+  for flag in ("name", "license", "description", "val_fraction", "test_fraction", "seed",
+               "channels", "max_pixels", "shard_mb", "http_timeout", "http_retries",
+               "http_concurrency", "index"):
+    argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+  return (argv + (["--force"] if args.force else []) +
+          ([] if args.near_duplicates else ["--no-near-duplicates"]) +
+          list(getattr(args, "pipeline_args", [])))
+
+
+def _run_beam(args) -> int:
+  import importlib.util  # noqa: PLC0415
+  if importlib.util.find_spec("apache_beam") is None:  # Beam lives in .venv-beam only
+    py = beam_python()
+    if py is None:
+      raise DataError(f"--runner={args.runner} needs Apache Beam, which lives in its own "
+                      f"environment: run `{BEAM_SETUP}` (creates .venv-beam), then this command "
+                      "again")
+    return subprocess.call([py, "-m", "jaxclf.data.data_cli", *_ingest_argv(args)])
+  from jaxclf.data import beam_ingest  # noqa: PLC0415
+  return _print_ingest(args, beam_ingest.ingest(args.source, _options(args), args.runner,
+                                                list(getattr(args, "pipeline_args", []))))
 
 
 def run_ingest(args) -> int:
+  if args.runner:
+    return _run_beam(args)
+  if getattr(args, "pipeline_args", None):
+    raise DataError(f"unrecognized arguments: {' '.join(args.pipeline_args)} (pipeline options "
+                    "need --runner)")
   from jaxclf.data import ingest  # noqa: PLC0415
-  m = ingest.ingest(args.source, _options(args))
+  return _print_ingest(args, ingest.ingest(args.source, _options(args)))
+
+
+def _print_ingest(args, m: dict) -> int:
   print(json.dumps({"out": args.out, "version": m["version"], "records": m["num_records"],
                     "splits": {s: m["splits"][s]["count"] for s in SPLITS},
                     "skipped": m["report"]["num_skipped"]}))
@@ -119,7 +180,8 @@ def format_info(s: dict, show_skipped: int = 20) -> str:
             f"{s['exact_duplicates']['groups']} groups; label conflicts "
             f"{len(s['exact_duplicates']['label_conflicts'])}",
             f"near-duplicates (dHash <= {s['near_duplicates']['max_bits']} bits): "
-            f"{s['near_duplicates']['count']} pairs, {s['near_duplicates']['cross_split']} across splits",
+            + (f"{s['near_duplicates']['count']} pairs, {s['near_duplicates']['cross_split']} "
+               "across splits" if s["near_duplicates"].get("checked", True) else "not checked"),
             f"skipped: {len(s['skipped'])}"]
   by_stage = collections.Counter(x["stage"] for x in s["skipped"])
   if by_stage:
@@ -186,16 +248,26 @@ def format_diff(d: dict) -> str:
 def run_diff(args) -> int:
   from jaxclf.data import ingest  # noqa: PLC0415
   opts = _options(args)
-  d = diff_manifests(ingest.describe(args.a, opts), ingest.describe(args.b, opts), args.show)
+  d = diff_manifests(ingest.describe(args.a, opts, with_records=True),
+                     ingest.describe(args.b, opts, with_records=True), args.show)
   print(json.dumps(d, indent=1) if args.json else format_diff(d))
   return 0
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+  """parse_args, except that `data ingest` passes options it does not know to Beam."""
+  args, extra = parser.parse_known_args(argv)
+  if extra and not getattr(args, "accepts_pipeline_args", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.pipeline_args = extra
+  return args
 
 
 def main(argv=None) -> int:
   """Standalone entry (`python -m jaxclf.data.data_cli ...`) until jaxclf/cli.py wires it in."""
   parser = argparse.ArgumentParser(prog="jaxclf")
   add_data_commands(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(argv)
+  args = parse(parser, argv)
   try:
     return args.func(args)
   except DataError as e:

@@ -5,10 +5,12 @@ a CSV/JSONL label manifest (uri,label[,split]; uris local, s3:// or https://), a
 s3://bucket/prefix/ class-per-folder tree, `tfds:NAME` (a TFDS dataset already prepared in a
 data_dir) or `fashion_mnist`.
 
-Output (DIR): `{split}-NNNNN-of-MMMMM.array_record` shards holding the original encoded bytes,
-`manifest.json` (classes, per-split counts, every record's uri/sha256/size/format/shape, skips,
-duplicates, licence and provenance, `version` = content hash of (sha256, label, split)), and a
-dataset card README.md.
+Output (DIR): `{split}-NNNNN-of-MMMMM.array_record` shards holding the original encoded bytes
+(laid out by jaxclf/data/layout.py), `manifest.json` (classes, per-split counts, skips,
+duplicates, licence and provenance, `version` = content hash of (sha256, label, split)), the
+per-record index (uri/sha256/size/format/shape/label) in `index/<shard>.parquet` (or inline in
+manifest.json with --index json), and a dataset card README.md. `--runner=...` runs the same
+stages as an Apache Beam pipeline instead (jaxclf/data/beam_ingest.py), with the same output.
 
 Crash safety: work state lives in DIR/.partial/ (a journal of checked files, fetched remote
 bytes by sha256, extracted archives, a journal of finished shards). Shards are written to a temp
@@ -23,14 +25,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
 from typing import Callable
 
 import numpy as np
 
-from jaxclf.data import decode
+from jaxclf.data import decode, layout
 from jaxclf.data.dataset import DataError
 from jaxclf.data.sources import archive, image_folder, ingested, remote, scan, tabular
 from jaxclf.data.sources import plan as plan_lib
@@ -57,12 +58,15 @@ class IngestOptions:
   http_concurrency: int = 8
   tfds_data_dir: str = ""
   force: bool = False  # replace an existing, different dataset in `out`
+  index: str = "parquet"  # per-record index: Parquet files next to the shards, or "json" (inline)
+  near_duplicates: bool = True  # the dHash near-duplicate report (slow at millions of images)
 
   def provenance_options(self) -> dict:
     """The options that shape the output (so they are recorded, and a resume must match)."""
     return {"channels": self.channels, "max_pixels": self.max_pixels,
             "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-            "seed": self.seed, "shard_mb": self.shard_mb}
+            "seed": self.seed, "shard_mb": self.shard_mb,
+            **({} if self.near_duplicates else {"near_duplicates": False})}
 
 
 @dataclasses.dataclass
@@ -85,6 +89,7 @@ def _from_folder(root: str, uri_prefix: str | None = None) -> Resolved:
   candidates, listing = image_folder.list_candidates(root)
   if uri_prefix is not None:  # archive members: name them by archive, not by temp folder
     for c in candidates:
+      c.location = c.uri
       c.uri = f"{uri_prefix}#{os.path.relpath(c.uri, root).replace(os.sep, '/')}"
   return Resolved("folder", candidates, info={"given_splits": listing["given_splits"],
                                               "ignored": len(listing["ignored"])})
@@ -351,26 +356,23 @@ def check_resumable(candidates: list[plan_lib.Candidate], work: str, opts: Inges
 # ----------------------------------------------------------------------------- shards
 
 def shard_layout(plan: plan_lib.Plan, seed: int, shard_mb: float) -> dict[str, list[list[plan_lib.Entry]]]:
-  """split -> shards -> entries. Entries are shuffled (seeded) within each split, so shard order
-  is already a fair mix (a `limit_per_split` prefix has every class); shard count follows the
-  split's bytes. A pure function of the plan: a resumed run lays out the same shards."""
-  layout = {}
-  for k, split in enumerate(plan_lib.SPLITS):
+  """split -> shards -> entries, by `jaxclf.data.layout` (the Beam ingest lays out the same
+  shards): records go to shards by a seeded hash of their content and uri and are sorted by it
+  within each shard, so shard order is already a fair mix (a `limit_per_split` prefix has every
+  class). A pure function of the plan: a resumed run lays out the same shards."""
+  out = {}
+  for split in plan_lib.SPLITS:
     entries = plan.split_entries(split)
-    if not entries:
-      layout[split] = []
-      continue
-    order = np.random.default_rng([seed, k]).permutation(len(entries))
-    entries = [entries[i] for i in order]
-    total = sum(e.checked.size for e in entries)
-    n_shards = max(1, min(len(entries), math.ceil(total / (shard_mb * 1024 * 1024))))
-    bounds = np.linspace(0, len(entries), n_shards + 1).round().astype(int)
-    layout[split] = [entries[bounds[i]:bounds[i + 1]] for i in range(n_shards)]
-  return layout
+    n = layout.num_shards(len(entries), sum(e.checked.size for e in entries), shard_mb)
+    slots: dict[int, list[tuple[str, plan_lib.Entry]]] = {}
+    for e in entries:
+      key = layout.record_key(seed, split, e.checked.sha256, e.candidate.uri)
+      slots.setdefault(layout.slot_of(key, n), []).append((key, e))
+    out[split] = [[e for _, e in sorted(slots[s], key=lambda ke: ke[0])] for s in sorted(slots)]
+  return out
 
 
-def shard_name(split: str, i: int, n: int) -> str:
-  return f"{split}-{i:05d}-of-{n:05d}.array_record"
+shard_name = layout.shard_name
 
 
 def _entry_bytes(e: plan_lib.Entry, work: str, keep_blobs: bool) -> bytes:
@@ -391,24 +393,32 @@ def _entry_bytes(e: plan_lib.Entry, work: str, keep_blobs: bool) -> bytes:
 
 
 def write_shard(path: str, entries: list[plan_lib.Entry], work: str, keep_blobs: bool) -> dict:
+  records = (ingested.encode_record(_entry_bytes(e, work, keep_blobs), e.label, e.checked.sha256,
+                                    e.candidate.uri, e.checked.format) for e in entries)
+  return write_shard_file(path, records)
+
+
+def write_shard_file(path: str, records, tmp_suffix: str = ".tmp") -> dict:
+  """Encoded records -> one ArrayRecord shard at `path`, written under a temp name and renamed
+  when complete. -> its manifest row {file, records, bytes, sha256}."""
   from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{tmp_suffix}")
   if os.path.exists(tmp):
     os.unlink(tmp)
   # group_size:1 = one record per chunk: what random access (a global shuffle) needs. Images are
   # already compressed, so chunk compression would only spend CPU.
   writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
-  for e in entries:
-    data = _entry_bytes(e, work, keep_blobs)
-    writer.write(ingested.encode_record(data, e.label, e.checked.sha256, e.candidate.uri,
-                                        e.checked.format))
+  n = 0
+  for record in records:
+    writer.write(record)
+    n += 1
   writer.close()
   with open(tmp, "rb+") as f:
     os.fsync(f.fileno())
   sha = ingested.sha256_file(tmp)
   size = os.path.getsize(tmp)
   os.replace(tmp, path)
-  return {"file": os.path.basename(path), "records": len(entries), "bytes": size, "sha256": sha}
+  return {"file": os.path.basename(path), "records": n, "bytes": size, "sha256": sha}
 
 
 def write_shards(layout, out: str, work: str, keep_blobs: bool) -> dict[str, list[dict]]:
@@ -523,7 +533,8 @@ def dataset_card(m: dict) -> str:
            f"{r['exact_duplicates']['groups']} groups (always in one split); label conflicts: "
            f"{len(r['exact_duplicates']['label_conflicts'])}",
            f"- **Near-duplicates** (dHash, <= {r['near_duplicates']['max_bits']} bits): "
-           f"{r['near_duplicates']['count']} pairs, {r['near_duplicates']['cross_split']} across splits",
+           + (f"{r['near_duplicates']['count']} pairs, {r['near_duplicates']['cross_split']} across "
+              "splits" if r["near_duplicates"].get("checked", True) else "not checked"),
            "", "## Classes", "", "| # | class | train | val | test |", "|---|---|---|---|---|"]
   for i, c in enumerate(m["classes"]):
     lines.append(f"| {i} | {c} | " + " | ".join(str(m["splits"][s]["per_class"][c])
@@ -541,43 +552,67 @@ def dataset_card(m: dict) -> str:
 
 # ------------------------------------------------------------------------------- driver
 
-def _candidate_uris_match(manifest: dict, res: Resolved) -> bool:
-  known = {r["uri"] for recs in manifest["records"].values() for r in recs}
+def _candidate_uris_match(manifest: dict, res: Resolved, out: str) -> bool:
+  known = {r["uri"] for recs in ingested.read_records(out, manifest).values() for r in recs}
   known |= {s["path"] for s in manifest["report"]["skipped"]}
   return known == {c.uri for c in res.candidates} | {s["path"] for s in res.skipped}
 
 
-def ingest(src: str, opts: IngestOptions) -> dict:
-  """Runs (or resumes, or confirms) an ingest; returns the manifest."""
+def local_out(src: str, opts: IngestOptions) -> str:
+  """The output folder, refused when it is remote or inside the source folder."""
   out = os.path.abspath(os.path.expanduser(opts.out))
-  if remote.is_remote(out):
+  if remote.is_remote(opts.out):
     raise DataError("--out must be a local folder; copy it to S3 afterwards (e.g. `aws s3 sync`)")
   if not remote.is_remote(src) and os.path.isdir(remote.local_path(src)):
     root = os.path.realpath(remote.local_path(src))
     if os.path.realpath(out) == root or os.path.realpath(out).startswith(root + os.sep):
       raise DataError(f"--out {opts.out!r} is inside the source folder {src!r}; its shards would "
                       "become a class on the next run. Choose a folder outside it.")
+  return out
+
+
+def create_opener(opts: IngestOptions) -> remote.Opener:
+  return remote.Opener(remote.HttpFetcher(timeout=opts.http_timeout, retries=opts.http_retries,
+                                          concurrency=opts.http_concurrency))
+
+
+def existing_dataset(src: str, out: str, work: str, opts: IngestOptions,
+                     opener: remote.Opener) -> dict | None:
+  """The manifest already in `out` when it is this very dataset (same source, options and
+  files: nothing to do); None when `out` holds none or --force; DataError when it differs."""
+  if opts.force:
+    return None
+  if remote.is_remote(out):  # an object-store --out (the Beam ingest)
+    if opener.read(out.rstrip("/") + "/" + ingested.MANIFEST)[0] is None:
+      return None
+  elif not os.path.exists(os.path.join(out, ingested.MANIFEST)):
+    return None
+  existing = ingested.read_manifest(out, opener)
+  if (existing["provenance"]["source"] == src and
+      existing["provenance"]["options"] == opts.provenance_options()):
+    res = resolve(src, work, opts, opener)
+    if _candidate_uris_match(existing, res, out):
+      _log(f"{out} is up to date (version {existing['version']})")
+      archive.remove(work)
+      return existing
+  raise DataError(f"{out} already holds a different dataset (version {existing['version']}, "
+                  f"from {existing['provenance']['source']}); pass --force to replace it or "
+                  "choose another --out")
+
+
+def ingest(src: str, opts: IngestOptions) -> dict:
+  """Runs (or resumes, or confirms) an ingest; returns the manifest."""
+  out = local_out(src, opts)
   os.makedirs(out, exist_ok=True)
   work = os.path.join(out, PARTIAL)
   manifest_path = os.path.join(out, ingested.MANIFEST)
-  opener = remote.Opener(remote.HttpFetcher(timeout=opts.http_timeout, retries=opts.http_retries,
-                                            concurrency=opts.http_concurrency))
+  opener = create_opener(opts)
   state_path = os.path.join(work, "state.json")
   state = {"source": src, "options": opts.provenance_options()}
 
-  if os.path.exists(manifest_path) and not opts.force:
-    existing = ingested.read_manifest(out)
-    same_opts = (existing["provenance"]["source"] == src and
-                 existing["provenance"]["options"] == opts.provenance_options())
-    if same_opts:
-      res = resolve(src, work, opts, opener)
-      if _candidate_uris_match(existing, res):
-        _log(f"{out} is up to date (version {existing['version']})")
-        archive.remove(work)
-        return existing
-    raise DataError(f"{out} already holds a different dataset (version {existing['version']}, "
-                    f"from {existing['provenance']['source']}); pass --force to replace it or "
-                    "choose another --out")
+  existing = existing_dataset(src, out, work, opts, opener)
+  if existing is not None:
+    return existing
   if opts.force or _stale_state(state_path, state):
     _clean(out)
   os.makedirs(work, exist_ok=True)
@@ -592,16 +627,30 @@ def ingest(src: str, opts: IngestOptions) -> dict:
   plan = plan_lib.make_plan(res.candidates, source=src, channels=opts.channels,
                             max_pixels=opts.max_pixels, val_fraction=opts.val_fraction,
                             test_fraction=opts.test_fraction, seed=opts.seed,
-                            class_names=res.class_names, checked=checked)
+                            class_names=res.class_names, checked=checked,
+                            near_duplicates=opts.near_duplicates)
   layout = shard_layout(plan, opts.seed, opts.shard_mb)
-  _remove_foreign_shards(out, layout)
+  remove_foreign_shards(out, layout)
   shards = write_shards(layout, out, work, keep_blobs)
-  manifest = build_manifest(src, res, plan, layout, shards, opts)
-  _write_atomic(os.path.join(out, "README.md"), dataset_card(manifest))
-  _write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+  manifest = write_manifest(out, build_manifest(src, res, plan, layout, shards, opts), opts.index)
   archive.remove(work)
   _log(f"done: {manifest['num_records']} records, version {manifest['version']}, "
        f"{manifest['report']['num_skipped']} skipped -> {out}")
+  return manifest
+
+
+def write_manifest(out: str, manifest: dict, index: str = "parquet") -> dict:
+  """The record index (Parquet files, or inline with index='json': format_version 1), the card,
+  then manifest.json last: its presence means the dataset is complete. -> what was written."""
+  if index == "parquet":
+    manifest = ingested.write_index(out, manifest)
+  elif index != "json":
+    raise DataError(f"--index {index!r}: choose parquet or json")
+  else:
+    manifest = {**manifest, "format_version": 1}
+  _write_atomic(os.path.join(out, "README.md"), dataset_card(manifest))
+  _write_atomic(os.path.join(out, ingested.MANIFEST),
+                json.dumps(manifest, indent=1, sort_keys=True) + "\n")
   return manifest
 
 
@@ -618,13 +667,14 @@ def _stale_state(state_path: str, state: dict) -> bool:
 
 def _clean(out: str) -> None:
   archive.remove(os.path.join(out, PARTIAL))
+  archive.remove(os.path.join(out, ingested.INDEX_DIR))
   for name in os.listdir(out):
     if name.endswith((".array_record", ".array_record.tmp")) or name in (
         ingested.MANIFEST, "README.md"):
       os.unlink(os.path.join(out, name))
 
 
-def _remove_foreign_shards(out: str, layout) -> None:
+def remove_foreign_shards(out: str, layout) -> None:
   """Shard files this layout does not name (a different earlier layout) would confuse readers."""
   wanted = {shard_name(s, i, len(shards)) for s, shards in layout.items() for i in range(len(shards))}
   for name in os.listdir(out):
@@ -632,23 +682,28 @@ def _remove_foreign_shards(out: str, layout) -> None:
       os.unlink(os.path.join(out, name))
 
 
-def describe(src: str, opts: IngestOptions | None = None) -> dict:
+def describe(src: str, opts: IngestOptions | None = None, with_records: bool = False) -> dict:
   """A manifest-shaped description of a source without writing anything (for `data info` and
-  `data diff` on raw folders, archives, CSVs): same checks, splits and version as an ingest."""
+  `data diff` on raw folders, archives, CSVs): same checks, splits and version as an ingest.
+  `with_records`: an ingested dataset's per-record index is read too (from either layout)."""
   import tempfile  # noqa: PLC0415
+
+  def dataset(uri):
+    m = ingested.read_manifest(uri)
+    return {**m, "records": ingested.read_records(uri, m)} if with_records else m
+
   if not remote.is_remote(src) and os.path.isfile(os.path.join(remote.local_path(src),
                                                                ingested.MANIFEST)):
-    return ingested.read_manifest(remote.local_path(src))
+    return dataset(remote.local_path(src))
   if remote.scheme(src) in ("s3", "http", "https") and not (archive.is_archive(src) or
                                                             tabular.is_manifest(src)):
     try:
-      return ingested.read_manifest(src)
+      return dataset(src)
     except DataError:
       if remote.scheme(src) != "s3":
         raise
   opts = opts or IngestOptions(out="")
-  opener = remote.Opener(remote.HttpFetcher(timeout=opts.http_timeout, retries=opts.http_retries,
-                                            concurrency=opts.http_concurrency))
+  opener = create_opener(opts)
   with tempfile.TemporaryDirectory(prefix="jaxclf-describe-") as work:
     res = resolve(src, work, opts, opener)
     plan = plan_lib.make_plan(res.candidates, source=src, channels=opts.channels,

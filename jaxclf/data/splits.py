@@ -31,18 +31,42 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
   group_split = np.zeros(n_groups, np.int64)  # index into names
   rng = np.random.default_rng(seed)
   for c in np.unique(group_label):
-    gids = np.flatnonzero(group_label == c)
-    gids = gids[rng.permutation(len(gids))]
-    cum = np.cumsum(group_size[gids])
-    mid = cum - 0.5 * group_size[gids]  # where each group sits in this class's order
-    total = cum[-1]
-    edges = np.cumsum([fractions[n] * total for n in names[1:]])
-    # names[1:] take [0, e1), [e1, e2), ...; names[0] (train) takes what is left.
-    which = np.searchsorted(edges, mid, side="right") + 1
-    which[which == len(names)] = 0
-    group_split[gids] = which
+    gids = np.flatnonzero(group_label == c)  # this class's groups, in sorted-group-key order
+    group_split[gids] = deal_class(rng, group_size[gids], fractions)
   record_split = group_split[inverse]
   return {n: np.flatnonzero(record_split == i) for i, n in enumerate(names)}
+
+
+def deal_class(rng: np.random.Generator, sizes: np.ndarray, fractions: dict[str, float]) -> np.ndarray:
+  """One class's groups (record counts `sizes`, in sorted-group-key order) -> the index into
+  list(fractions) of each group's split. Draws exactly one permutation from `rng`."""
+  names = list(fractions)
+  sizes = np.asarray(sizes, np.int64)
+  perm = rng.permutation(len(sizes))
+  dealt = sizes[perm]
+  cum = np.cumsum(dealt)
+  mid = cum - 0.5 * dealt  # where each group sits in this class's order
+  edges = np.cumsum([fractions[n] * cum[-1] for n in names[1:]])
+  # names[1:] take [0, e1), [e1, e2), ...; names[0] (train) takes what is left.
+  which = np.searchsorted(edges, mid, side="right") + 1
+  which[which == len(names)] = 0
+  out = np.empty(len(sizes), np.int64)
+  out[perm] = which
+  return out
+
+
+def deal_one_class(seed: int, label: int, groups_per_class: dict[int, int], sizes: np.ndarray,
+                   fractions: dict[str, float]) -> np.ndarray:
+  """`stratified_split`'s draw for one class alone, for a distributed split (the Beam ingest
+  groups records by class and deals each class on its own worker): the generator is advanced
+  past the permutations of every smaller label (only their group counts are needed), so the
+  result is identical to dealing all classes in one process."""
+  rng = np.random.default_rng(seed)
+  for other in sorted(groups_per_class):
+    if other >= label:
+      break
+    rng.permutation(int(groups_per_class[other]))
+  return deal_class(rng, sizes, fractions)
 
 
 def carve_validation(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

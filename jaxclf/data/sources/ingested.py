@@ -24,7 +24,13 @@ from jaxclf.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "jaxclf-ingested"
-FORMAT_VERSION = 1
+# 1: manifest.json lists every record ("records"). 2: manifest.json keeps the summary and the
+# per-record index is in Parquet files next to the shards (INDEX_DIR, one file per shard, same
+# order as the shard), so a 100M-image manifest stays small. Readers take both.
+FORMAT_VERSION = 2
+INDEX_DIR = "index"
+INDEX_COLUMNS = (("uri", "string"), ("sha256", "string"), ("size", "int64"), ("format", "string"),
+                 ("height", "int32"), ("width", "int32"), ("label", "int32"), ("dhash", "string"))
 RECORD_MAGIC = b"JXR1"
 RECORD_FORMAT = "JXR1 | u32le header length | JSON header {label, sha256, uri, format} | image bytes"
 
@@ -117,6 +123,72 @@ def read_manifest(uri: str, opener: remote.Opener | None = None) -> dict:
 
 
 
+def _index_schema():
+  import pyarrow as pa  # noqa: PLC0415 - only datasets with a Parquet index need it
+  return pa.schema([(name, getattr(pa, kind)()) for name, kind in INDEX_COLUMNS])
+
+
+def write_index(out: str, manifest: dict) -> dict:
+  """Moves manifest["records"] into INDEX_DIR/<shard name>.parquet (format_version 2) and
+  returns the manifest as it is written: summary plus an "index" section naming the files."""
+  import pyarrow as pa  # noqa: PLC0415
+  import pyarrow.parquet as pq  # noqa: PLC0415
+  manifest = dict(manifest)
+  records = manifest.pop("records")
+  os.makedirs(os.path.join(out, INDEX_DIR), exist_ok=True)
+  files = {}
+  for split, info in manifest["splits"].items():
+    files[split], start = [], 0
+    for shard in info["shards"]:
+      rows = records[split][start:start + int(shard["records"])]
+      start += int(shard["records"])
+      rel = f"{INDEX_DIR}/{shard['file'].rsplit('.', 1)[0]}.parquet"
+      table = pa.Table.from_pylist([{k: r[k] for k, _ in INDEX_COLUMNS} for r in rows],
+                                   schema=_index_schema())
+      tmp = os.path.join(out, rel + ".tmp")
+      pq.write_table(table, tmp)
+      os.replace(tmp, os.path.join(out, rel))
+      files[split].append({"file": rel, "records": len(rows)})
+    if start != len(records[split]):
+      raise ValueError(f"{split}: {len(records[split])} records but the shards hold {start}")
+  wanted = {os.path.basename(f["file"]) for fs in files.values() for f in fs}
+  for name in os.listdir(os.path.join(out, INDEX_DIR)):  # an earlier layout's files
+    if name not in wanted:
+      os.unlink(os.path.join(out, INDEX_DIR, name))
+  manifest["format_version"] = 2
+  manifest["index"] = {"format": "parquet", "columns": [k for k, _ in INDEX_COLUMNS], "files": files}
+  return manifest
+
+
+def read_records(uri: str, manifest: dict, opener: remote.Opener | None = None,
+                 splits=None) -> dict[str, list[dict]]:
+  """split -> the per-record index (uri, sha256, size, format, height, width, label, dhash), in
+  shard order, from manifest.json itself (format_version 1) or its Parquet files (2)."""
+  if "records" in manifest:
+    return {s: r for s, r in manifest["records"].items() if splits is None or s in splits}
+  import pyarrow as pa  # noqa: PLC0415
+  import pyarrow.parquet as pq  # noqa: PLC0415
+  opener = opener or remote.Opener()
+  out = {}
+  for split, files in manifest["index"]["files"].items():
+    if splits is not None and split not in splits:
+      continue
+    out[split] = []
+    for f in files:
+      path = uri.rstrip("/") + "/" + f["file"]
+      data, err = opener.read(path, max_bytes=1 << 36)
+      if data is None:
+        raise DataError(f"{path}: cannot read the record index ({err}); re-run `jaxclf data ingest`")
+      try:
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+      except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet index ({type(e).__name__}: {e})") from None
+      if len(rows) != int(f["records"]):
+        raise DataError(f"{path}: {len(rows)} records, the manifest says {f['records']}")
+      out[split] += rows
+  return out
+
+
 def cache_root(cfg=None) -> str:
   d = (getattr(cfg, "cache_dir", "") if cfg is not None else "") or os.environ.get("JAXCLF_CACHE")
   return os.path.join(os.path.expanduser(d or "~/.cache/jaxclf"), "ingested")
@@ -156,9 +228,10 @@ def load(cfg) -> Dataset:
   channels = int(getattr(cfg, "channels", 3) or 3)
   class_names = list(manifest["classes"])
   splits, kept, shapes = {}, [], set()
+  index = read_records(uri, manifest, opener)
   for name in ("train", "val", "test"):
     info = manifest["splits"].get(name, {"shards": [], "count": 0})
-    records = manifest["records"].get(name, [])
+    records = index.get(name, [])
     n = min(len(records), limit) if limit else len(records)
     # Records were shuffled (seeded) when written, so the first n are a fair sample.
     shards, left = [], n

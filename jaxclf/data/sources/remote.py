@@ -136,6 +136,16 @@ def s3_filesystem():
   return s3fs.S3FileSystem(client_kwargs=kw, skip_instance_cache=True)
 
 
+def gcs_filesystem():
+  """gcsfs with Google's default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, metadata)."""
+  try:
+    import gcsfs  # noqa: PLC0415 - optional edge dependency
+  except ImportError:
+    raise DataError("gs:// needs the gcsfs package (the release matching fsspec's version, e.g. "
+                    "pip install gcsfs==<fsspec version>)") from None
+  return gcsfs.GCSFileSystem(skip_instance_cache=True)
+
+
 def strip_s3(uri: str) -> str:
   return uri[len("s3://"):] if uri.startswith("s3://") else uri
 
@@ -155,6 +165,18 @@ class Opener:
         self._s3 = s3_filesystem()
       return self._s3
 
+  def object_store(self, uri: str):
+    """(fsspec filesystem, bucket/key path) for an s3:// or gs:// URI."""
+    sch = scheme(uri)
+    if sch == "s3":
+      return self.s3, strip_s3(uri)
+    if sch == "gs":
+      with self._s3_lock:
+        if getattr(self, "_gcs", None) is None:
+          self._gcs = gcs_filesystem()
+      return self._gcs, uri[len("gs://"):]
+    raise DataError(f"{uri!r}: not an object-store URI (s3:// or gs://)")
+
   def read(self, uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes | None, str | None]:
     sch = scheme(uri)
     if sch in ("", "file"):
@@ -168,11 +190,14 @@ class Opener:
         return None, f"cannot read file ({type(e).__name__}: {e.strerror or e})"
     if sch in ("http", "https"):
       return self.http.get(uri)
-    if sch == "s3":
+    if sch in ("s3", "gs"):
       try:
-        return self.s3.cat_file(strip_s3(uri)), None
+        fs, path = self.object_store(uri)
+        return fs.cat_file(path), None
       except FileNotFoundError:
-        return None, "no such S3 object"
+        return None, f"no such {sch.upper()} object"
+      except DataError as e:
+        return None, str(e)
       except Exception as e:  # noqa: BLE001 - botocore raises many types; all mean 'skip it'
         return None, f"S3 read failed ({type(e).__name__}: {e})"
     return None, f"unsupported URI scheme {sch!r}"

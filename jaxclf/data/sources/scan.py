@@ -114,32 +114,46 @@ def content_version(class_names: Sequence[str], records: Iterable[tuple[str, int
   return h.hexdigest()[:16]
 
 
+MAX_BUCKET = 2000  # a band bucket bigger than this is blank or flat images: not compared
+
+
+def band_masks(max_bits: int = NEAR_DUPLICATE_BITS) -> list[int]:
+  """Masks of the max_bits+1 bands the 64 dHash bits are cut into."""
+  bands = max_bits + 1
+  width = 64 // bands
+  return [((1 << (width if b < bands - 1 else 64 - b * width)) - 1) << (b * width)
+          for b in range(bands)]
+
+
+def bucket_pairs(members: Sequence[tuple[int, int]], max_bits: int = NEAR_DUPLICATE_BITS):
+  """Members (id, dHash value) of one band bucket, sorted by id -> (i, j, distance), i < j."""
+  if len(members) < 2 or len(members) > MAX_BUCKET:
+    return
+  for a in range(len(members)):
+    i, vi = members[a]
+    for c in range(a + 1, len(members)):
+      j, vj = members[c]
+      d = (vi ^ vj).bit_count()
+      if d <= max_bits:
+        yield i, j, d
+
+
 def find_near_duplicates(hashes: Sequence[str], max_bits: int = NEAR_DUPLICATE_BITS
                          ) -> list[tuple[int, int, int]]:
   """Pairs (i, j, distance) of items whose dHash differ in <= max_bits bits (i < j).
 
   Pigeonhole: split the 64 bits into max_bits+1 bands; two hashes within max_bits bits agree
-  exactly on at least one band, so only items sharing a band value are compared.
+  exactly on at least one band, so only items sharing a band value are compared. (The Beam
+  ingest runs the same buckets as a GroupByKey on (band, value).)
   """
   values = [int(h, 16) if h else None for h in hashes]
-  bands = max_bits + 1
-  width = 64 // bands
   pairs: dict[tuple[int, int], int] = {}
-  for b in range(bands):
-    shift = b * width
-    mask = ((1 << (width if b < bands - 1 else 64 - shift)) - 1) << shift
-    buckets: dict[int, list[int]] = {}
+  for mask in band_masks(max_bits):
+    buckets: dict[int, list[tuple[int, int]]] = {}
     for i, v in enumerate(values):
       if v is not None:
-        buckets.setdefault(v & mask, []).append(i)
+        buckets.setdefault(v & mask, []).append((i, v))
     for members in buckets.values():
-      if len(members) < 2 or len(members) > 2000:  # a giant bucket is blank images: not useful
-        continue
-      for a in range(len(members)):
-        for c in range(a + 1, len(members)):
-          i, j = members[a], members[c]
-          if (i, j) not in pairs:
-            d = (values[i] ^ values[j]).bit_count()
-            if d <= max_bits:
-              pairs[(i, j)] = d
+      for i, j, d in bucket_pairs(members, max_bits):
+        pairs[(i, j)] = d
   return sorted((i, j, d) for (i, j), d in pairs.items())
