@@ -7,6 +7,7 @@
   POST /v1/admin/reload     {"model_path"}  (admin token) -> hot swap, no request dropped
 
   serving/middleware.py   request id, auth before the body, drain, size limits, admission, logs
+  serving/direct.py       POST /v1/predict served from the middleware, past the router (hot path)
   serving/auth.py         API keys with token buckets, the admin token, --protect-ops
   serving/routers/        predict.py, admin.py, ops.py
   serving/inputs.py       multipart parser, image checks, decode + preprocess
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_docs import SECURITY_SCHEMES
 from serving.context import Gateway, rid_of
+from serving.direct import DirectRoute, find_route
 from serving.errors import ApiError, api_error_response, error_response
 from serving.inputs import Part, parse_multipart  # noqa: F401  (public: tests, bench)
 from serving.lifecycle import build_model
@@ -50,6 +52,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
   async def lifespan(app: FastAPI):
     task = asyncio.create_task(initial_load(gw))
     app.state.load_task = task
+    if settings.workers > 1:
+      # A worker starts listening (joins the SO_REUSEPORT group) only once its model is loaded,
+      # so no connection lands on a worker that would answer 503 while the others serve.
+      await task
     yield
     task.cancel()
     if gw.holder.current is not None:
@@ -64,6 +70,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
           "\"message\", \"field\"}, \"request_id\"}`. Drift: PSI per feature vs the training "
           f"reference; above {settings.drift_threshold} raises `jaxclf_drift_alert`."),
       lifespan=lifespan,
+      # FastAPI's own OpenTelemetry hooks look for a configured provider on every request; the
+      # gateway has its Prometheus metrics and JSON logs, so they are opt-in (--otel-telemetry).
+      **({} if settings.otel_telemetry else
+         {"telemetry": {"tracing": False, "metrics": False, "logs": False}}),
   )
   app.state.gateway = gw
   app.state.settings, app.state.holder, app.state.monitor, app.state.metrics = (
@@ -82,8 +92,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     return app.openapi_schema
 
   app.openapi = openapi_with_security
+  # POST /v1/predict straight from the middleware, past the router (serving/direct.py).
+  direct = ({("POST", "/v1/predict"): DirectRoute(find_route(app.routes, "/v1/predict", "POST"),
+                                                   app.exception_handlers)}
+            if settings.predict_fast_path else {})
   # Outermost, so it also sees (and counts) requests the router rejects.
-  app.add_middleware(GatewayMiddleware, gateway=gw)
+  app.add_middleware(GatewayMiddleware, gateway=gw, direct=direct)
   return app
 
 

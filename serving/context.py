@@ -38,9 +38,12 @@ class Gateway:
                            threshold=settings.drift_threshold,
                            min_samples=settings.drift_min_samples,
                            low_confidence_threshold=settings.low_confidence_threshold)
-    return cls(settings, ModelHolder(), monitor, Metrics(monitor, settings.drift_threshold),
-               Guard(settings), UrlFetcher(settings),
-               Admission(settings.max_inflight, settings.max_queue))
+    gw = cls(settings, ModelHolder(), monitor, Metrics(monitor, settings.drift_threshold),
+             Guard(settings), UrlFetcher(settings),
+             Admission(settings.max_inflight, settings.max_queue))
+    # Read at scrape time from the count the middleware keeps anyway (no lock per request).
+    gw.metrics.inflight.set_function(lambda: gw.inflight)
+    return gw
 
   @property
   def on_batch(self):

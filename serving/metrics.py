@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from serving.monitoring import DriftMonitor
 
@@ -26,7 +27,24 @@ class Metrics:
                            registry=r)
     self.ready = Gauge("jaxclf_ready", "1 when a model is loaded and warmed up", registry=r)
     self.inflight = Gauge("jaxclf_inflight_requests", "requests being processed", registry=r)
+    # Which process answered the scrape: with --workers N each worker has its own registry.
+    Gauge("jaxclf_worker_info", "the gateway process that answered (value 1)", ["pid"],
+          registry=r).labels(str(os.getpid())).set(1)
     r.register(_DriftCollector(monitor, threshold))
+    # Labelled children, looked up once: `labels()` takes a lock and builds a key on every call,
+    # and this runs on every request. Bounded, as the label values come from requests.
+    self._children: dict[tuple, tuple] = {}
+    self.images_ok, self.images_error = self.images.labels("ok"), self.images.labels("error")
+
+  def observe_request(self, endpoint: str, method: str, status: str, seconds: float) -> None:
+    key = (endpoint, method, status)
+    pair = self._children.get(key)
+    if pair is None:
+      pair = (self.requests.labels(endpoint, method, status), self.latency.labels(endpoint))
+      if len(self._children) < 4096:
+        self._children[key] = pair
+    pair[0].inc()
+    pair[1].observe(seconds)
 
   def set_model(self, model: LoadedModel) -> None:
     self.model_info.clear()

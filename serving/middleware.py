@@ -78,8 +78,10 @@ class Admission:
 
 class GatewayMiddleware:
 
-  def __init__(self, app, gateway):
+  def __init__(self, app, gateway, direct: dict | None = None):
     self.app, self.gw, self.settings = app, gateway, gateway.settings
+    # (method, path) -> ASGI app served without the router (serving/direct.py); filled by create_app
+    self.direct = direct if direct is not None else {}
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
@@ -95,7 +97,6 @@ class GatewayMiddleware:
     path = scope["path"]
     gw = self.gw
     gw.inflight += 1
-    gw.metrics.inflight.inc()
     admitted = False
     try:
       try:
@@ -116,13 +117,13 @@ class GatewayMiddleware:
           await _drain(receive, int(length) if length.isdigit() else 0)
         await api_error_response(e, rid)(scope, receive, sender.raw)
         return
-      await self.app(scope, _BodyGuard(receive, self._limit(path), start, self.settings,
-                                       rid, state), sender)
+      app = self.direct.get((scope["method"], path), self.app) if self.direct else self.app
+      await app(scope, _BodyGuard(receive, self._limit(path), start, self.settings, rid, state),
+                sender)
     finally:
       if admitted:
         gw.admission.release()
       gw.inflight -= 1
-      gw.metrics.inflight.dec()
       self._record(scope, state, sender.status, time.perf_counter() - start, rid)
 
   def _limit(self, path: str) -> int:
@@ -144,9 +145,7 @@ class GatewayMiddleware:
   def _record(self, scope, state, status: int, elapsed: float, rid: str) -> None:
     route = scope.get("route")
     endpoint = getattr(route, "path", None) or "unmatched"
-    metrics = self.gw.metrics
-    metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-    metrics.latency.labels(endpoint).observe(elapsed)
+    self.gw.metrics.observe_request(endpoint, scope["method"], str(status), elapsed)
     if self.settings.log_requests and endpoint not in QUIET_ENDPOINTS:
       model = self.gw.holder.current
       key = state.get("api_key")

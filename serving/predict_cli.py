@@ -43,8 +43,19 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--max-batch-size", type=int, default=None)
   p.add_argument("--max-wait-ms", type=float, default=None,
                  help="longest a batch is held open for requests already arriving")
+  p.add_argument("--no-predict-fast-path", dest="predict_fast_path", action="store_false",
+                 default=None, help="serve POST /v1/predict through the FastAPI router instead of "
+                 "straight from the gateway middleware (same endpoint; slower)")
+  p.add_argument("--inline-decode-pixels", type=int, default=None,
+                 help="decode images up to this many pixels on the event loop, bigger ones in "
+                 "the thread pool (default 262144; 0 = all in the thread pool)")
+  p.add_argument("--gil-switch-interval-ms", type=float, default=None,
+                 help="sys.setswitchinterval for the server process (default: Python's 5 ms)")
   p.add_argument("--threads", dest="intra_op_threads", type=int, default=None,
                  help="onnxruntime intra-op threads (default: usable cores - 1)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="gateway processes on the one port (SO_REUSEPORT), each holding the model; "
+                 "/metrics and the drift window are per worker, hot reload is refused (default 1)")
   p.add_argument("--max-upload-bytes", type=int, default=None)
   p.add_argument("--max-pixels", type=int, default=None)
   p.add_argument("--request-timeout-s", type=float, default=None)
@@ -77,6 +88,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--monitor-window", type=int, default=None)
   p.add_argument("--drift-threshold", type=float, default=None)
   p.add_argument("--no-request-log", dest="log_requests", action="store_false", default=None)
+  p.add_argument("--otel-telemetry", action="store_true", default=None,
+                 help="keep FastAPI's native OpenTelemetry spans and metrics (they need a "
+                 "configured OTel provider; off by default: they cost on every request)")
   p.add_argument("--log-level", default="INFO")
   p.epilog = ("Secrets come from the environment or files only: JAXCLF_SERVE_API_KEY / "
               "JAXCLF_SERVE_API_KEYS (comma-separated) or --api-keys-file (predict endpoints need "
@@ -116,22 +130,12 @@ def run_serve(args: argparse.Namespace) -> int:
     print("jaxclf serve: error: --model-path is required (export dir or registry:NAME@stage)",
           file=sys.stderr)
     return 2
-  import uvicorn
-  from serving.app import configure_json_logging, create_app
+  from serving.middleware import configure_json_logging
+  from serving.server import run_server, run_workers
   configure_json_logging(args.log_level.upper())
-  app = create_app(settings)
-  import importlib.util
-  # The fast event loop and HTTP parser when installed (requirements/serving-api.txt pins both).
-  loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-  http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-  config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, loop=loop,
-                          http=http, access_log=False, log_config=None,
-                          log_level=args.log_level.lower(), timeout_keep_alive=15,
-                          limit_concurrency=2048, backlog=2048,
-                          timeout_graceful_shutdown=settings.drain_timeout_s)
-  from serving.shutdown import DrainingServer
-  DrainingServer(config, app.state.gateway).run()
-  return 0
+  if settings.workers > 1:
+    return run_workers(settings, args.log_level)
+  return run_server(settings, args.log_level)
 
 
 # --------------------------------------------------------------------------- predict

@@ -62,7 +62,18 @@ class ServeSettings:
   # Batches the model runs in under this many microseconds (measured at warm-up) run on the event
   # loop instead of the model thread: cheaper than the thread hand-off. 0 = always the thread.
   inline_budget_us: float = 150.0
+  # the hot path (bench/serve.py measures each as a lever):
+  predict_fast_path: bool = True  # POST /v1/predict past the FastAPI router (serving/direct.py)
+  # Images up to this many pixels (and 256 KiB) decode on the event loop, cheaper than a thread
+  # hop; bigger ones in the thread pool. 0 = every image in the thread pool.
+  inline_decode_pixels: int = 512 * 512
   warmup_runs: int = 3
+  # Gateway processes on the one port (SO_REUSEPORT), each with its own event loop and model copy
+  # (serving/server.py: /metrics, drift window and admission limits are then per worker).
+  workers: int = 1
+  # sys.setswitchinterval: how long the model thread may wait for the GIL the busy event loop
+  # holds, when a batch comes back from onnxruntime. 0 = Python's default (5 ms).
+  gil_switch_interval_ms: float = 0.0
   # JSON input by URL: off unless allowed, and then only to listed hosts
   allow_url_fetch: bool = False
   # Entries: a host ("images.example.com", any http(s) path) or scheme://host[:port]/path-prefix.
@@ -77,6 +88,7 @@ class ServeSettings:
   drift_min_samples: int = 50  # PSI on fewer samples is noise; gauges read NaN until then
   low_confidence_threshold: float = 0.5
   log_requests: bool = True
+  otel_telemetry: bool = False  # FastAPI's native OpenTelemetry spans/metrics (with an OTel provider)
 
   def __post_init__(self):
     if self.backend not in ("onnx", "triton"):
@@ -84,7 +96,8 @@ class ServeSettings:
     if self.triton_protocol not in ("grpc", "http"):
       raise ValueError(f"triton_protocol must be 'grpc' or 'http', got {self.triton_protocol!r}")
     for name in ("max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels", "top_k",
-                 "max_batch_size", "monitor_window", "drift_min_samples", "max_inflight"):
+                 "max_batch_size", "monitor_window", "drift_min_samples", "max_inflight",
+                 "workers"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
     if self.request_timeout_s <= 0 or self.max_wait_ms < 0:
@@ -94,25 +107,27 @@ class ServeSettings:
     for name in ("url_allowlist", "api_keys", "url_resolve"):
       if isinstance(getattr(self, name), str):
         setattr(self, name, tuple(s.strip() for s in getattr(self, name).split(",") if s.strip()))
-    if self.max_queue < 0 or self.api_key_rate_per_s < 0 or self.shutdown_delay_s < 0:
-      raise ValueError("max_queue, api_key_rate_per_s and shutdown_delay_s must be >= 0")
+    if (self.max_queue < 0 or self.api_key_rate_per_s < 0 or self.shutdown_delay_s < 0
+        or self.inline_decode_pixels < 0 or self.gil_switch_interval_ms < 0):
+      raise ValueError("max_queue, api_key_rate_per_s, shutdown_delay_s, inline_decode_pixels "
+                       "and gil_switch_interval_ms must be >= 0")
 
   def ort_threads(self) -> int:
-    """onnxruntime intra-op threads: every usable core but one, which the event loop (HTTP,
-    multipart, decode: GIL-bound Python) needs for itself; at least one."""
+    """onnxruntime intra-op threads per worker: the usable cores left once each worker's event loop
+    (HTTP, multipart, decode: GIL-bound Python) has one, shared by the workers; at least one."""
     if self.intra_op_threads > 0:
       return self.intra_op_threads
     try:
       cores = len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
     except AttributeError:  # not Linux
       cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - self.workers) // self.workers)
 
   def public_limits(self) -> dict[str, Any]:
     return {k: getattr(self, k) for k in (
         "max_upload_bytes", "max_request_bytes", "max_batch_files", "max_pixels",
         "request_timeout_s", "top_k", "allow_url_fetch", "url_max_bytes", "url_timeout_s",
-        "max_inflight", "max_queue")}
+        "max_inflight", "max_queue", "workers")}
 
 
 def _parse(field: dataclasses.Field, text: str) -> Any:

@@ -75,9 +75,15 @@ def _to_mode(img: Image.Image, channels: int, background: int) -> Image.Image:
 
 def probe(data: bytes, source: str | None = None) -> ImageInfo:
   """Reads only the header: format and size, without decoding pixels."""
+  with open_image(data, source) as img:
+    return ImageInfo(img.format or "unknown", img.width, img.height, img.mode)
+
+
+def open_image(data: bytes, source: str | None = None) -> Image.Image:
+  """Opens the bytes, reading only the header (probe's checks and errors); the caller closes it, or
+  hands it to decode_image, which decodes it without parsing the header a second time."""
   try:
-    with Image.open(io.BytesIO(data)) as img:
-      return ImageInfo(img.format or "unknown", img.width, img.height, img.mode)
+    return Image.open(io.BytesIO(data))
   except Image.DecompressionBombError as e:
     # Pillow refuses to even open headers above 2x its own limit; that is a size verdict.
     raise DecodeError(f"decompression bomb: {e}", "limit", source) from None
@@ -89,7 +95,7 @@ def probe(data: bytes, source: str | None = None) -> ImageInfo:
 
 
 def decode_image(
-    data: bytes,
+    data: bytes | Image.Image,
     channels: int = 3,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -101,18 +107,22 @@ def decode_image(
 
   EXIF orientation is applied, transparency is composited on `background`, palette, CMYK and
   16-bit inputs are converted, animated images give their first frame. `target_size` (h, w) is
-  only a hint that lets JPEG decode at a reduced scale when the image is much larger.
+  only a hint that lets JPEG decode at a reduced scale when the image is much larger. `data` may
+  also be an image from open_image (the gateway checks its header first); it is closed here.
   """
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
-  if not data:
+  if isinstance(data, Image.Image):
+    img = data
+  elif not data:
     raise DecodeError("empty file (0 bytes)", "read", source)
-  try:
-    img = Image.open(io.BytesIO(data))
-  except Image.DecompressionBombError as e:
-    raise DecodeError(f"decompression bomb: {e}", "limit", source) from None
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise DecodeError(f"not a recognised image ({type(e).__name__})", "header", source) from None
+  else:
+    try:
+      img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+      raise DecodeError(f"decompression bomb: {e}", "limit", source) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+      raise DecodeError(f"not a recognised image ({type(e).__name__})", "header", source) from None
   try:
     w, h = img.size
     if w <= 0 or h <= 0:

@@ -25,8 +25,14 @@ def create_admin_router(gw: Gateway) -> APIRouter:
   @router.post("/v1/admin/reload", response_model=schemas.ReloadResponse,
                openapi_extra={"security": [{"AdminToken": []}]},
                summary="Hot-swap the served model (admin token required)",
-               responses={**ERROR_RESPONSES, 403: {"model": schemas.ErrorResponse}})
+               responses={**ERROR_RESPONSES, 403: {"model": schemas.ErrorResponse},
+                          409: {"model": schemas.ErrorResponse,
+                                "description": "hot reload is off with --workers > 1"}})
   async def admin_reload(body: schemas.ReloadRequest):
+    if gw.settings.workers > 1:  # this request reaches one worker: the others would keep the old
+      raise ApiError(409, "reload_unsupported", f"hot reload is off with --workers "
+                     f"{gw.settings.workers}: each worker holds its own model and this request "
+                     "reaches one of them; restart the service to change the model")
     async with gw.holder.reload_lock:
       t0 = time.perf_counter()
       try:

@@ -82,7 +82,7 @@ def create_predict_router(gw: Gateway) -> APIRouter:
           batcher.withdraw()
     probs = softmax(logits[0])
     monitor.record(result.stats, probs)
-    metrics.images.labels("ok").inc()
+    metrics.images_ok.inc()
     request.state.images = 1
     return JSONResponse({
         "request_id": rid_of(request), "model": model.ref(),
@@ -150,8 +150,8 @@ async def predict_many(gw: Gateway, request: Request, items: list[tuple[str | No
       results[i]["predictions"] = top_k_predictions(p, model.bundle.labels, k)
       monitor.record(res.stats, p)
   n_bad = len(items) - len(good)
-  metrics.images.labels("ok").inc(len(good))
-  metrics.images.labels("error").inc(n_bad)
+  metrics.images_ok.inc(len(good))
+  metrics.images_error.inc(n_bad)
   request.state.images = len(items)
   if not good:
     request.state.error_code = "all_items_failed"
