@@ -14,7 +14,8 @@ from jaxclf.config.defaults import default_config
 from jaxclf.models import param_groups
 from jaxclf.models.registry import create_model
 from jaxclf.train import steps
-from jaxclf.train.optimizers import create_optimizer, parse_lr_mults
+from jaxclf.config.names import parse_lr_mults
+from jaxclf.train.optimizers import create_optimizer
 from jaxclf.train.state import create_train_state
 
 
@@ -117,3 +118,11 @@ def test_bad_fine_tuning_settings_name_the_field():
     parse_lr_mults("backbone")
   with pytest.raises(ValueError, match="model 'cnn_tiny' declares no layer order"):
     create_optimizer(config(layer_decay=0.8))
+  # and before any compute, through config validation, naming the field
+  from jaxclf.config import validate
+  from jaxclf.config.validate import ConfigError
+  with pytest.raises(ConfigError, match="unknown param group 'neck'"):
+    validate(config(lr_mults="neck=0.1"))
+  with pytest.raises(ConfigError, match="optimizer.layer_decay: model 'cnn_tiny'"):
+    validate(config(layer_decay=0.8))
+  validate(config("resnet18", layer_decay=0.8, lr_mults="backbone=0.1"))

@@ -65,6 +65,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2 on kernels otherwise; never on BN/bias
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  # Fine-tuning: learning-rate multipliers per param group (jaxclf/models/param_groups.py: head =
+  # the classifier, backbone = the rest), e.g. "backbone=0.1"; "" = one group.
+  c.optimizer.lr_mults = ""
+  # Layer-wise learning-rate decay (ResNet, EfficientNet): a block k levels below the head
+  # trains at lr * layer_decay**k; 0 = off.
+  c.optimizer.layer_decay = 0.0
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "one_cycle"  # constant | step | exponential | warmup_cosine | one_cycle | plateau

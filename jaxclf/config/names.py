@@ -38,6 +38,31 @@ EVALUATOR_ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Fine-tuning param groups (jaxclf/models/param_groups.py assigns each parameter to one), and the
+# model families whose blocks have a declared order for layer-wise learning-rate decay.
+PARAM_GROUPS = ("backbone", "head")
+LAYER_DECAY_FAMILIES = ("efficientnet", "resnet")
+
+
+def parse_lr_mults(spec: str) -> dict[str, float]:
+  """optimizer.lr_mults 'backbone=0.1,head=1' -> {'backbone': 0.1, 'head': 1.0}."""
+  out = {}
+  for item in filter(None, (x.strip() for x in str(spec or "").split(","))):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"optimizer.lr_mults: {item!r} is not group=multiplier")
+    if name not in PARAM_GROUPS:
+      raise ValueError(f"optimizer.lr_mults: unknown param group {name!r}; the groups are "
+                       f"{list(PARAM_GROUPS)}")
+    try:
+      out[name] = float(value)
+    except ValueError:
+      raise ValueError(f"optimizer.lr_mults: {name}={value!r} is not a number") from None
+    if out[name] < 0:
+      raise ValueError(f"optimizer.lr_mults: {name}={value} must be >= 0")
+  return out
+
+
 def check_table(kind: str, implemented, names) -> None:
   """Called by the trainer's tables at import: they must implement exactly the registered names."""
   if set(implemented) != set(names):

@@ -10,7 +10,8 @@ from typing import Any
 import ml_collections
 
 from jaxclf.config.defaults import default_config
-from jaxclf.config.names import EVALUATOR_ARGS, MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES
+from jaxclf.config.names import (EVALUATOR_ARGS, MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES,
+                                 LAYER_DECAY_FAMILIES, parse_lr_mults)
 from jaxclf.config.periodic import Every, RuleError
 
 
@@ -91,6 +92,7 @@ RANGES = {
     "optimizer.learning_rate": (0.0, 100.0), "optimizer.momentum": (0.0, 1.0),
     "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0), "optimizer.weight_decay": (0.0, 1.0),
     "optimizer.grad_clip_norm": (0.0, None), "optimizer.eps": (0.0, 1.0),
+    "optimizer.layer_decay": (0.0, 1.0),
     "schedule.warmup_fraction": (0.0, 1.0), "schedule.final_fraction": (0.0, 1.0),
     "schedule.decay_rate": (0.0, 1.0), "schedule.plateau_patience": (1, 1000),
     "schedule.plateau_factor": (0.0, 1.0),
@@ -219,6 +221,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choose(config.optimizer.name, sorted(OPTIMIZER_NAMES), "optimizer.name")
   _choose(config.schedule.name, sorted(SCHEDULE_NAMES), "schedule.name")
   check_model(config.model.name, dict(config.model.kwargs))
+  try:
+    parse_lr_mults(config.optimizer.lr_mults)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.optimizer.layer_decay > 0 and not config.model.name.startswith(LAYER_DECAY_FAMILIES):
+    raise ConfigError(f"optimizer.layer_decay: model {config.model.name!r} declares no layer "
+                      f"order (only {', '.join(LAYER_DECAY_FAMILIES)} do); use 0")
   for key, rule in config.periodic.items():
     _check_rule(rule, f"periodic.{key}")
   check_evals(config.evals, config.early_stopping.metric.rsplit("_", 1)[0])

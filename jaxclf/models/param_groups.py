@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-GROUPS = ("backbone", "head")
+from jaxclf.config.names import LAYER_DECAY_FAMILIES, PARAM_GROUPS as GROUPS
 
 # Per architecture family (the model name's prefix): the top-level modules that make the head.
 HEAD_MODULES: dict[str, re.Pattern] = {
@@ -57,6 +57,9 @@ def labels(model_name: str):
 
 def supports_layer_decay(model_name: str) -> bool:
   return family(model_name) in _BLOCK_INDEX
+
+
+assert set(_BLOCK_INDEX) == set(LAYER_DECAY_FAMILIES), "config/names.py LAYER_DECAY_FAMILIES"
 
 
 def layer_levels(model_name: str, params) -> tuple[Any, int]:

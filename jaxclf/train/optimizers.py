@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 import optax
 
-from jaxclf.config.names import OPTIMIZER_NAMES, check_table
+from jaxclf.config.names import OPTIMIZER_NAMES, check_table, parse_lr_mults
 from jaxclf.models import param_groups
 
 
@@ -32,25 +32,6 @@ def _adamw(c, lr):
 
 OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
 check_table("optimizer", OPTIMIZERS, OPTIMIZER_NAMES)
-
-
-def parse_lr_mults(spec: str) -> dict[str, float]:
-  """'backbone=0.1,head=1' -> {'backbone': 0.1, 'head': 1.0}; names are param_groups.GROUPS."""
-  out = {}
-  for item in filter(None, (x.strip() for x in str(spec or "").split(","))):
-    name, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"optimizer.lr_mults: {item!r} is not group=multiplier")
-    if name not in param_groups.GROUPS:
-      raise ValueError(f"optimizer.lr_mults: unknown param group {name!r}; the groups are "
-                       f"{list(param_groups.GROUPS)}")
-    try:
-      out[name] = float(value)
-    except ValueError:
-      raise ValueError(f"optimizer.lr_mults: {name}={value!r} is not a number") from None
-    if out[name] < 0:
-      raise ValueError(f"optimizer.lr_mults: {name}={value} must be >= 0")
-  return out
 
 
 def scale_by_layer_decay(model_name: str, decay: float) -> optax.GradientTransformation:
