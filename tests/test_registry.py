@@ -54,8 +54,8 @@ def test_register_list_show_carry_the_metadata(registry, export_dir):
   assert shown["dataset_version"] == "abc123"
   assert shown["metrics"] == {"val": {"accuracy": 0.91}, "test": {"accuracy": 0.905}}
   assert shown["parity"]["passed"] and shown["created"] and shown["stage"] == "experimental"
-  assert set(shown["artifacts"]) == {"model.onnx", "preprocessing.json", "labels.txt",
-                                     "export.json", "reference_stats.json"}
+  assert set(shown["artifacts"]) == {"model.onnx", "model_raw.onnx", "preprocessing.json",
+                                     "labels.txt", "export.json", "reference_stats.json"}
   assert all(len(a["sha256"]) == 64 for a in shown["artifacts"].values())
   assert shown["history"][0]["action"] == "register"
   registry.register(export_dir, "fashion")
