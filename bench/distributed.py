@@ -2,6 +2,7 @@
 a simulated 4-device mesh, and bfloat16 vs float32 compute, all in one run -> JSON.
 
   .venv/bin/python bench/distributed.py [--steps 20] [--batch 256] [--out bench/results/distributed.json]
+      [--trainer-steps 192] [--no-trainer]
 
 Every case trains the default CNN (configs/cnn.py's model, conv on oneDNN where float32) with the
 real jitted step (jaxclf/train/steps.py) on a global batch of `--batch` random Fashion-MNIST-
@@ -15,6 +16,13 @@ shaped images, after 3 warm-up steps, and reports global img/s:
                     kernels here are float32 only
 On 2 cores the 2-process case cannot be faster: it measures what the path costs. The ratios are
 against fp32_1proc_1dev of the same run.
+
+`trainer` rows: the same comparisons through the whole trainer (`jaxclf train`: data, on-device
+augmentation, global batches from each process's rows, evaluation, checkpoints) on
+configs/cnn.py:tiny over a 4,096-image Fashion-MNIST subset, batch 64: float32 and bfloat16 each
+train --trainer-steps steps (3 epochs) and report val and test accuracy; the 4-device and
+2-process runs train one epoch for their img/s. img/s is run.json's last logged window (16
+steady steps, compilation and evaluation outside it).
 """
 from __future__ import annotations
 
@@ -122,11 +130,66 @@ def run_case(name: str, args, processes: int = 1, devices: int = 1, dtype: str =
           "topology": rows[0]["topology"]}
 
 
+TRAINER_CONFIG = ["data.limit_per_split=4096", "train.batch_size=64", "periodic.log=16 steps",
+                  "periodic.checkpoint=64 steps", "train.calibrate=false", "train.num_epochs=3",
+                  "optimizer.learning_rate=0.05"]
+
+
+def trainer_case(name: str, workroot: str, steps: int, processes: int = 1, devices: int = 1,
+                 dtype: str = "float32") -> dict:
+  """One `jaxclf train` run (per process), read back from its run.json."""
+  workdir = os.path.join(workroot, name)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAXCLF_LOGLEVEL="WARNING")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  sets = [*TRAINER_CONFIG, f"model.dtype={dtype}", f"train.max_steps={steps}"]
+  port = free_port()
+  procs = []
+  for p in range(processes):
+    mine = sets + ([f"distributed.coordinator=127.0.0.1:{port}",
+                    f"distributed.num_processes={processes}", f"distributed.process_id={p}"]
+                   if processes > 1 else [])
+    cores = sorted(os.sched_getaffinity(0))
+    pre = (lambda c=[cores[p % len(cores)]]: os.sched_setaffinity(0, c)) if processes > 1 else None
+    cmd = [sys.executable, "-m", "jaxclf.cli", "train", "--config", "configs/cnn.py:tiny",
+           "--workdir", workdir, *[x for s in mine for x in ("--set", s)]]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, preexec_fn=pre))
+  for p in procs:
+    _, err = p.communicate(timeout=3600)
+    if p.returncode != 0:
+      raise SystemExit(f"trainer {name}: a process failed:\n{err[-3000:]}")
+  with open(os.path.join(workdir, "run.json")) as f:
+    r = json.load(f)
+  metrics = r.get("metrics") or {}
+  return {"case": name, "processes": processes, "devices": devices, "dtype": dtype,
+          "steps": r["final_step"], "img_s": round(r["last_train"]["images_per_sec"], 1),
+          "val_accuracy": (metrics.get("val") or {}).get("accuracy"),
+          "test_accuracy": (metrics.get("test") or {}).get("accuracy"),
+          "train_loss_last": round(r["last_train"]["loss"], 4), "topology": r["topology"],
+          "duration_s": r["duration_s"]}
+
+
+def trainer_cases(steps: int) -> list[dict]:
+  import tempfile
+  with tempfile.TemporaryDirectory(prefix="bench_distributed_") as root:
+    epoch = 4096 // 64  # steps per epoch (data.limit_per_split keeps 4,096 train images)
+    cases = [trainer_case("trainer_fp32_1proc_1dev", root, steps),
+             trainer_case("trainer_bf16_1proc_1dev", root, steps, dtype="bfloat16"),
+             trainer_case("trainer_fp32_1proc_4dev", root, epoch, devices=4),
+             trainer_case("trainer_fp32_2proc", root, epoch, processes=2)]
+  base = cases[0]["img_s"]
+  for c in cases:
+    c["ratio_vs_trainer_fp32_1proc_1dev"] = round(c["img_s"] / base, 3)
+  return cases
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--out", default=None)
+  p.add_argument("--trainer-steps", type=int, default=192)
+  p.add_argument("--no-trainer", action="store_true", help="only the step-level cases")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -141,9 +204,14 @@ def main() -> None:
   base = cases[0]["img_s"]
   for c in cases:
     c["ratio_vs_fp32_1proc_1dev"] = round(c["img_s"] / base, 3)
+  trainer = [] if args.no_trainer else trainer_cases(args.trainer_steps)
   emit({"bench": "distributed", "batch": args.batch, "steps": args.steps,
         "cpu_count": os.cpu_count(), "loadavg_start": round(load, 2),
+        # More runnable work than cores: other jobs shared them, and the ratios (2 processes
+        # most of all, which claim a larger share of contended cores) are not this path's cost.
+        "contended": load > (os.cpu_count() or 1),
         "loadavg_end": round(os.getloadavg()[0], 2), "cases": cases,
+        "trainer": {"config": ["configs/cnn.py:tiny", *TRAINER_CONFIG], "cases": trainer},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, args.out)
 
 

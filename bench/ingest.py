@@ -17,9 +17,13 @@ and its worker processes) every 0.2 s: `peak_rss_mb` is the largest sum seen,
    both wrote the same dataset version.
 2. million: 28x28 PNGs written once into class folders, then CSV manifests of the first 250k,
    500k and 1M files, each ingested by the DirectRunner (in_memory by default, see --beam-mode;
-   near-duplicate report off: it compares every pair within a dHash band bucket). Reports wall time, img/s and peak RSS per step, and
-   the dataset's manifest.json + Parquet index size against the one-file (format_version 1)
-   manifest of the same records.
+   near-duplicate report off: it compares every pair within a dHash band bucket). Reports wall
+   time, img/s and peak RSS per step, and the dataset's manifest.json + Parquet index size
+   against the one-file (format_version 1) manifest of the same records. --max-rss-mb stops a
+   step whose process tree outgrows it (recorded as "stopped"); --out is rewritten after each
+   step; a kept --work folder reuses its PNGs. The 1M run (48.5 min on 2 shared cores):
+     nice -n 10 python bench/ingest.py --case million --work SCRATCH_DIR \
+       --max-rss-mb 12000 --out bench/results/ingest_million.json
 """
 from __future__ import annotations
 
@@ -52,10 +56,15 @@ def log(msg):
 
 
 class TreeRss:
-  """Peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+  """Peak of the summed RSS of a process and all its descendants, sampled in a thread.
 
-  def __init__(self, pid: int, every: float = 0.2):
+  With `limit_mb`, the tree is killed once its sum passes the limit (`killed` is then set), so a
+  run that outgrows a shared machine stops itself rather than pushing others out of memory.
+  """
+
+  def __init__(self, pid: int, every: float = 0.2, limit_mb: float = 0):
     self.proc, self.every, self.peak, self.peak_one = psutil.Process(pid), every, 0, 0
+    self.limit, self.killed = limit_mb * 2**20, False
     self._stop = threading.Event()
     self._t = threading.Thread(target=self._run, daemon=True)
     self._t.start()
@@ -73,6 +82,14 @@ class TreeRss:
           total += rss
           self.peak_one = max(self.peak_one, rss)
         self.peak = max(self.peak, total)
+        if self.limit and total > self.limit:
+          self.killed = True
+          for p in reversed(procs):  # children first, so none is re-parented and missed
+            try:
+              p.kill()
+            except psutil.Error:
+              pass
+          return
       except psutil.Error:
         pass
       self._stop.wait(self.every)
@@ -84,16 +101,20 @@ class TreeRss:
     return round(self.peak / 2**20, 1), round(self.peak_one / 2**20, 1)
 
 
-def run_ingest(src: str, out: str, *extra: str) -> dict:
+def run_ingest(src: str, out: str, *extra: str, limit_mb: float = 0) -> dict:
   shutil.rmtree(out, ignore_errors=True)
   cmd = [sys.executable, "-m", "jaxclf.data.data_cli", "data", "ingest", src, "--out", out,
          "--shard-mb", "64", *extra]
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  rss = TreeRss(proc.pid)
+  rss = TreeRss(proc.pid, limit_mb=limit_mb)
   stdout, stderr = proc.communicate()
   wall = time.perf_counter() - t
   peak, peak_one = rss.stop()
+  if rss.killed:
+    log(f"  stopped after {wall:.1f} s: the process tree passed {limit_mb:.0f} MB")
+    return {"wall_s": round(wall, 2), "peak_rss_mb": peak, "peak_rss_one_process_mb": peak_one,
+            "stopped": f"killed: process tree RSS passed --max-rss-mb {limit_mb:.0f}"}
   if proc.returncode != 0:
     raise SystemExit(f"ingest failed ({' '.join(cmd)}):\n{stderr[-3000:]}")
   summary = json.loads(stdout.strip().splitlines()[-1])
@@ -135,22 +156,24 @@ def _tiny_png(rng: np.random.Generator) -> bytes:
   return buf.getvalue()
 
 
+def tiny_paths(root: str, n: int, classes: int = 10) -> list[tuple[str, str]]:
+  """[(path, class)] of n tiny PNGs in class folders, 1,000 per sub-folder."""
+  return [(os.path.join(root, f"c{i % classes}", f"{i // (classes * 1000):04d}", f"{i:07d}.png"),
+           f"c{i % classes}") for i in range(n)]
+
+
 def write_tiny(root: str, n: int, classes: int = 10, seed: int = 0) -> list[tuple[str, str]]:
-  """n 28x28 greyscale PNGs in class folders (1,000 per sub-folder) -> [(path, class)]."""
+  """Writes n 28x28 greyscale PNGs at tiny_paths(root, n) -> those [(path, class)]."""
   rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    cls = f"c{i % classes}"
-    d = os.path.join(root, cls, f"{i // (classes * 1000):04d}")
+  files = tiny_paths(root, n, classes)
+  for i, (path, _) in enumerate(files):
     if i % (classes * 1000) < classes:
-      os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{i:07d}.png")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
       f.write(_tiny_png(rng))
-    out.append((path, cls))
     if (i + 1) % 100_000 == 0:
       log(f"wrote {i + 1} PNGs")
-  return out
+  return files
 
 
 def dir_bytes(path: str) -> int:
@@ -168,28 +191,45 @@ def manifest_sizes(out: str) -> dict:
           "one_file_manifest_bytes": len(json.dumps(one_file, indent=1, sort_keys=True)) + 1}
 
 
-def case_million(steps: list[int], work: str, beam_extra: list[str]) -> dict:
+def case_million(steps: list[int], work: str, beam_extra: list[str], limit_mb: float = 0,
+                 partial_out: str = "") -> dict:
   root = os.path.join(work, "tiny")
-  log(f"writing {max(steps)} 28x28 PNGs")
+  done = os.path.join(root, f"complete-{max(steps)}")  # a kept --work folder skips regeneration
   t = time.perf_counter()
-  files = write_tiny(root, max(steps))
-  gen_s = time.perf_counter() - t
-  results = []
+  if os.path.exists(done):
+    log(f"reusing the {max(steps)} PNGs in {root}")
+    files = tiny_paths(root, max(steps))
+    gen_s = None
+  else:
+    log(f"writing {max(steps)} 28x28 PNGs")
+    files = write_tiny(root, max(steps))
+    gen_s = round(time.perf_counter() - t, 1)
+    open(done, "w").close()
+  result = {"case": "million", "image": "28x28 greyscale PNG (random pixels), 10 classes",
+            "generate_s": gen_s, "beam_options": beam_extra, "max_rss_mb": limit_mb or None,
+            "steps": [],
+            "note": "DirectRunner keeps each GroupByKey's values in memory (per shard, per class, "
+                    "per sha256 group) and the driver reads every record's metadata to build the "
+                    "report; a distributed runner spills shuffles to disk across workers."}
   for n in steps:
     csv_path = os.path.join(work, f"first-{n}.csv")
     with open(csv_path, "w") as f:
       f.write("uri,label\n" + "".join(f"{p},{c}\n" for p, c in files[:n]))
     out = os.path.join(work, f"ds-{n}")
     log(f"beam DirectRunner on {n} images")
-    r = run_ingest(csv_path, out, "--runner=direct", "--no-near-duplicates", *beam_extra)
-    r.update({"images": n, "images_per_s": round(n / r["wall_s"], 1), **manifest_sizes(out)})
-    results.append(r)
+    r = run_ingest(csv_path, out, "--runner=direct", "--no-near-duplicates", *beam_extra,
+                   limit_mb=limit_mb)
+    r["images"] = n
+    if "stopped" not in r:
+      r.update({"images_per_s": round(n / r["wall_s"], 1), **manifest_sizes(out)})
+    result["steps"].append(r)
     shutil.rmtree(out, ignore_errors=True)
-  return {"case": "million", "image": "28x28 greyscale PNG (random pixels), 10 classes",
-          "generate_s": round(gen_s, 1), "beam_options": beam_extra, "steps": results,
-          "note": "DirectRunner keeps each GroupByKey's values in memory (per shard, per class, "
-                  "per sha256 group) and the driver reads every record's metadata to build the "
-                  "report; a distributed runner spills shuffles to disk across workers."}
+    if partial_out:  # each step's figures survive a later step's failure (the file, not stdout)
+      with open(partial_out, "w") as f:
+        json.dump({**result, "partial": True}, f, indent=2)
+    if "stopped" in r:
+      break
+  return result
 
 
 def main(argv=None) -> int:
@@ -208,6 +248,8 @@ def main(argv=None) -> int:
   ap.add_argument("--beam-mode", default="in_memory",
                   choices=("multi_processing", "multi_threading", "in_memory"),
                   help="million: --direct_running_mode")
+  ap.add_argument("--max-rss-mb", type=float, default=0,
+                  help="million: kill a step whose process tree passes this RSS (0: no limit)")
   ap.add_argument("--work", default="", help="scratch folder (default: a temp dir, removed)")
   ap.add_argument("--out", default="", help="also write the JSON here")
   args = ap.parse_args(argv)
@@ -218,7 +260,8 @@ def main(argv=None) -> int:
                             ["--no-near-duplicates"] if args.no_near_duplicates else [])
     else:
       extra = [f"--direct_num_workers={args.beam_workers}", f"--direct_running_mode={args.beam_mode}"]
-      result = case_million([int(x) for x in args.steps.split(",")], work, extra)
+      result = case_million([int(x) for x in args.steps.split(",")], work, extra,
+                            args.max_rss_mb, args.out)
   finally:
     if not args.work:
       shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from _common import emit
+from _common import emit, timed_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,14 +86,8 @@ def run_jax(case: str, steps: int, warmup: int, conv_impl: str = "auto") -> dict
   state, m = step(state, b)
   jax.block_until_ready(state)
   compile_s = time.time() - t
-  for _ in range(warmup):
-    state, m = step(state, b)
-  jax.block_until_ready(state)
-  t = time.time()
-  for _ in range(steps):
-    state, m = step(state, b)
-  jax.block_until_ready(state)
-  dt = time.time() - t
+  state, m, per_step = timed_steps(step, state, b, steps, warmup)
+  dt = per_step * steps
   return {"images_per_sec": steps * batch / dt, "step_ms": 1000 * dt / steps,
           "compile_s": compile_s, "params": count_params(state.params), "batch": batch,
           "conv_impl": conv_impl, "host_malloc": host_malloc["mode"]}

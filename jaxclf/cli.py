@@ -53,9 +53,33 @@ def run_training(config_spec: str, workdir: str, overrides=()) -> int:
   return 0
 
 
+# Set in the trainer process that `jaxclf train` supervises (see _train).
+SUPERVISED_ENV = "JAXCLF_SUPERVISED_CHILD"
+
+
 def _train(args) -> int:
   overrides = list(args.set or []) + list(args.config_overrides or [])
-  return run_training(args.config, args.workdir, overrides)
+  settings = None if os.environ.get(SUPERVISED_ENV) else _distributed_settings(args.config,
+                                                                               overrides)
+  if settings is None or not settings.enabled:
+    return run_training(args.config, args.workdir, overrides)
+  # A multi-process run trains in a child process: when a peer dies, JAX ends the survivors with
+  # a C++ abort and a long log; the supervisor turns that into one last line naming the process.
+  sets = [x for o in overrides for x in ("--set", o.removeprefix("--config."))]
+  cmd = [sys.executable, "-m", "jaxclf.cli", "train", "--config", args.config,
+         "--workdir", args.workdir, *sets]
+  from jaxclf.train.distributed import run_supervised
+  return run_supervised(cmd, settings, env={**os.environ, SUPERVISED_ENV: "1"})
+
+
+def _distributed_settings(config_spec: str, overrides):
+  """config.distributed as Settings (a config error: None, the trainer itself reports it)."""
+  from jaxclf.config import ConfigError, load_config
+  from jaxclf.train.distributed import Settings
+  try:
+    return Settings.from_config(load_config(config_spec, overrides).distributed.to_dict())
+  except ConfigError:
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, for a session lent a GPU machine (device tool). One short run that measures train-step
-# time, throughput and device utilisation for the default CNN and ResNet-18, and writes JSON to
-# ${OUT:-bench/results}/gpu_check.json. That machine has jax (CUDA), flax and optax but not clu or
+# time, throughput and device utilisation for the default CNN and ResNet-18, then the trainer's
+# data-parallel path on a mesh of the one GPU (float32, bfloat16, float16, grad accumulation;
+# bench/gpu.py data_parallel), and writes JSON to ${OUT:-bench/results}/gpu_check.json. That machine has jax (CUDA), flax and optax but not clu or
 # ml_collections: carry their wheels in .whl/ (see the device tool's notes), e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl clu==0.0.12 ml-collections==1.1.0
 set -euo pipefail

@@ -17,6 +17,7 @@ echo "$REPO" > "$SITE/jaxclf_repo.pth"
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
 import apache_beam, array_record, pyarrow
+import gcsfs, s3fs, gcp_storage_emulator  # gs:// and s3:// output; the tests' GCS emulator
 import jaxclf.data.beam_ingest  # via the .pth; must not import jax
 assert importlib.util.find_spec("jax") is None and "jax" not in sys.modules
 print(f"beam env ok: apache-beam {apache_beam.__version__}, pyarrow {pyarrow.__version__}")

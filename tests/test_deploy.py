@@ -324,6 +324,12 @@ def test_multihost_jobset_is_valid_and_wires_jax_distributed(rendered, tmp_path)
   for name in env:
     assert name.split("__", 1)[1].lower() in fields, name
   n = int(env["JAXCLF_DISTRIBUTED__NUM_PROCESSES"]["value"])
+  # ... and a config key (jaxclf/config/defaults.py): the trainer reads them as overrides.
+  from jaxclf.config import load_config
+  cfg = load_config(str(REPO / "configs" / "cnn.py"),
+                    environ={k: e["value"] for k, e in env.items() if "value" in e})
+  assert cfg.distributed.num_processes == n and cfg.distributed.coordinator == \
+      env["JAXCLF_DISTRIBUTED__COORDINATOR"]["value"]
   assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"] == n
   assert env["JAXCLF_DISTRIBUTED__PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
       "metadata.annotations['batch.kubernetes.io/job-completion-index']"

@@ -77,7 +77,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
   from PIL import Image
   buf = io.BytesIO()
-  Image.fromarray(img[:, :, 0]).save(buf, "PNG")
+  Image.fromarray(img[:, :, 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
   return buf.getvalue()
 
 

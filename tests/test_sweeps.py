@@ -288,6 +288,8 @@ def test_compare_page_renders_in_headless_chromium(mixed_sweep, tmp_path):
   assert info["images"] and all(i["ok"] and i["width"] > 300 for i in info["images"])
 
 
+# 40 s of two real worker processes; bench/sweep.py runs the same path every time it measures.
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_running_a_trial_twice(tiny_config, tmp_path):
   """Optuna's distributed pattern on this machine: two processes, one journal-file study."""
   from jaxclf.sweeps import runner

@@ -18,6 +18,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.channels = 1
   c.data.max_pixels = 64_000_000  # decompression-bomb guard for encoded sources
   c.data.limit_per_split = 0  # 0 = all; >0 keeps the first N of each split (smoke tests)
+  # >0: a stratified subset of the train split, N images of every class, drawn with
+  # data.split_seed (few-shot and data-efficiency runs); val and test are untouched. A class with
+  # fewer than N train images is an error that names it.
+  c.data.limit_per_class = 0
   c.data.cache_dir = ""
   c.data.sampler = "shuffle"  # 'shuffle' | 'balanced' (class-balanced sampling with replacement)
   c.data.read_threads = 2  # Grain read threads; 0 = in the training thread
@@ -49,7 +53,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
   c.model.kwargs = ml_collections.ConfigDict()  # passed to the model constructor
-  c.model.pretrained = ""  # '' | 'imagenet' (models that ship weights) | path to a run dir
+  # '' | 'imagenet' (models that ship weights) | a `jaxclf weights convert` .npz | a run dir
+  c.model.pretrained = ""
+  # sha256 of the model.pretrained file: a mismatch stops the run before any compute; without a
+  # pin the file's hash is logged and recorded in run.json (model.pretrained_provenance).
+  c.model.pretrained_sha256 = ""
+  # Compute dtype of activations: float32 | bfloat16 | float16. Params, optimizer state and
+  # BatchNorm statistics stay float32; float16 adds a dynamic loss scale (jaxclf/train/precision.py).
   c.model.dtype = "float32"
   # Gradient path of the convolutions (jaxclf/models/layers.py): auto = oneDNN on CPU when built,
   # else pure-JAX tap matmuls; XLA's own on GPU. Same maths and parameters either way.
@@ -98,6 +108,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.calibrate = True
   c.train.max_steps = 0  # 0 = num_epochs worth; >0 stops early (smoke tests, resume tests)
   c.train.progress_bar = True
+  # K >= 1: each step splits its batch into K micro-batches inside the jitted step and applies
+  # their mean gradient once (the update of one K x larger batch at one micro-batch's memory);
+  # train.batch_size must be divisible by K x the global device count.
+  c.train.grad_accum_steps = 1
+  # Fine-tuning: the first K epochs train the head alone, with the backbone in inference mode
+  # (BatchNorm running statistics, no stochastic depth, no dropout) and its weights exactly
+  # frozen; then everything trains (optimizer.lr_mults sets the backbone's rate). Resumes by step.
+  c.train.freeze_backbone_epochs = 0
+  # While the backbone is frozen, compute its features once per train image and train the head
+  # on that cache (a linear probe): frozen epochs then cost a few matrix products. The cached
+  # features are of the UN-augmented image (eval preprocessing); augmentation applies only after
+  # unfreezing. Needs a model whose head is one Dense layer.
+  c.train.cache_frozen_features = False
 
   # When the loop's periodic actions fire (jaxclf/train/actions.py), one rule for all
   # (jaxclf/config/periodic.py, big_vision's u.steps/u.itstime): "<N> steps", "<N> epochs",
@@ -133,6 +156,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss
   c.early_stopping.patience = 0  # epochs; 0 = off
   c.early_stopping.min_delta = 0.0
+
+  # Multi-process training on jax.distributed (jaxclf/train/distributed.py). Every process runs
+  # the same command; only process_id differs. Env: JAXCLF_DISTRIBUTED__COORDINATOR=... (the JobSet).
+  c.distributed = ml_collections.ConfigDict()
+  # "" = one process; "host:port" = process 0's coordinator; "auto" = jax.distributed's own
+  # cluster detection (SLURM, Open MPI, Cloud TPU, Kubernetes with jax[k8s]).
+  c.distributed.coordinator = ""
+  c.distributed.num_processes = 1  # how many processes join; the mesh spans all their devices
+  c.distributed.process_id = 0  # this process, 0 .. num_processes-1 (0 hosts the coordinator)
+  c.distributed.init_timeout_s = 300  # every process waits this long for all of them to join
+  c.distributed.heartbeat_timeout_s = 60  # a lost process ends the whole job within this bound
 
   # Experiment tracking beyond run.json + TensorBoard (jaxclf/tracking/mlflow_bridge.py).
   c.tracking = ml_collections.ConfigDict()

@@ -86,6 +86,7 @@ RANGES = {
     "data.val_fraction": (0.0, 0.9), "data.test_fraction": (0.0, 0.9),
     "data.read_threads": (0, 64), "data.prefetch_batches": (1, 1024),
     "data.worker_processes": (0, 64), "data.max_pixels": (1, None), "data.limit_per_split": (0, None),
+    "data.limit_per_class": (0, None), "train.freeze_backbone_epochs": (0, 100_000),
     "preprocessing.image_size": (8, 4096), "preprocessing.crop_fraction": (0.05, 1.0),
     "augment.translate": (0, 64), "augment.rotation": (0.0, 180.0),
     "augment.brightness": (0.0, 1.0), "augment.contrast": (0.0, 1.0), "augment.saturation": (0.0, 1.0),
@@ -98,14 +99,16 @@ RANGES = {
     "schedule.plateau_factor": (0.0, 1.0),
     "train.batch_size": (1, 1 << 20), "train.num_epochs": (1, 100_000),
     "train.label_smoothing": (0.0, 0.99), "train.keep_checkpoints": (1, 1000),
-    "train.eval_batch_size": (1, 1 << 20),
+    "train.eval_batch_size": (1, 1 << 20), "train.grad_accum_steps": (1, 4096),
+    "distributed.num_processes": (1, 1 << 16), "distributed.process_id": (0, 1 << 16),
+    "distributed.init_timeout_s": (1, None), "distributed.heartbeat_timeout_s": (1, None),
     "train.max_steps": (0, None), "early_stopping.patience": (0, None),
     "early_stopping.min_delta": (0.0, None), "seed": (0, 2**31 - 1), "data.split_seed": (0, 2**31 - 1),
 }
 CHOICES = {
     "data.channels": (1, 3), "data.sampler": ("shuffle", "balanced"),
     "preprocessing.resize": ("nearest", "bilinear", "bicubic", "lanczos"),
-    "model.dtype": ("float32", "bfloat16"), "train.class_weights": ("none", "balanced"),
+    "model.dtype": ("float32", "bfloat16", "float16"), "train.class_weights": ("none", "balanced"),
     "early_stopping.metric": ("val_accuracy", "val_loss"),
     "model.conv_impl": ("auto", "xla", "matmul", "onednn"),
     "data.on_device": ("auto", "true", "false"), "schedule.anneal": ("linear", "cos"),
@@ -228,6 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.layer_decay > 0 and not config.model.name.startswith(LAYER_DECAY_FAMILIES):
     raise ConfigError(f"optimizer.layer_decay: model {config.model.name!r} declares no layer "
                       f"order (only {', '.join(LAYER_DECAY_FAMILIES)} do); use 0")
+  _check_fine_tuning(config)
   for key, rule in config.periodic.items():
     _check_rule(rule, f"periodic.{key}")
   check_evals(config.evals, config.early_stopping.metric.rsplit("_", 1)[0])
@@ -243,3 +247,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"augment.crop_scale: need 0 < low <= high <= 1, got {(lo, hi)}")
   if config.data.val_fraction + config.data.test_fraction >= 1:
     raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} does not split into "
+                      f"train.grad_accum_steps={config.train.grad_accum_steps} micro-batches: use "
+                      "a multiple of it (x the device count)")
+
+
+def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
+  """model.pretrained_sha256, train.freeze_backbone_epochs, train.cache_frozen_features."""
+  pin = config.model.pretrained_sha256
+  if pin and not (len(pin) == 64 and all(ch in "0123456789abcdefABCDEF" for ch in pin)):
+    raise ConfigError(f"model.pretrained_sha256: expected 64 hex digits, got {pin!r}")
+  if pin and not config.model.pretrained:
+    raise ConfigError("model.pretrained_sha256 pins a file, but model.pretrained is empty")
+  if config.train.freeze_backbone_epochs > config.train.num_epochs:
+    raise ConfigError(f"train.freeze_backbone_epochs={config.train.freeze_backbone_epochs} is "
+                      f"more than train.num_epochs={config.train.num_epochs} (equal: a linear "
+                      "probe, the backbone never trains)")
+  if config.train.cache_frozen_features and config.train.freeze_backbone_epochs == 0:
+    raise ConfigError("train.cache_frozen_features caches the frozen backbone's features: it "
+                      "needs train.freeze_backbone_epochs > 0")

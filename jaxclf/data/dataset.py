@@ -99,6 +99,63 @@ class DataError(ValueError):
 
 
 def load_dataset(cfg) -> Dataset:
+  """The dataset `cfg.source` names (`_load_source`), with `cfg.limit_per_class` applied to its
+  train split (`limit_per_class`)."""
+  dataset = _load_source(cfg)
+  n = int(getattr(cfg, "limit_per_class", 0) or 0)
+  return limit_per_class(dataset, n, int(getattr(cfg, "split_seed", 0))) if n else dataset
+
+
+@dataclasses.dataclass
+class SubsetSource:
+  """Records `indices` of another source (a stratified subset of a streamed split)."""
+  source: Any
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.source[int(self.indices[index])]
+
+  def __repr__(self) -> str:
+    return f"SubsetSource(n={len(self)} of {self.source!r})"
+
+
+def stratified_indices(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
+                       class_names: Sequence[str] = ()) -> np.ndarray:
+  """`per_class` record indices of every class, drawn with `seed`, in record order. Nested: the
+  first N of each class's seeded permutation, so a smaller N is a subset of a larger one. A class
+  with fewer records is a DataError naming it (a silently smaller class would skew the curve)."""
+  labels = np.asarray(labels)
+  counts = np.bincount(labels, minlength=num_classes)
+  short = [f"{class_names[c] if c < len(class_names) else c} ({counts[c]})"
+           for c in range(num_classes) if counts[c] < per_class]
+  if short:
+    raise DataError(f"data.limit_per_class={per_class}: the train split has fewer images of "
+                    f"{len(short)} class(es): {', '.join(short)}; lower the limit")
+  rng = np.random.default_rng(seed)
+  picked = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)]
+  return np.sort(np.concatenate(picked))
+
+
+def limit_per_class(dataset: Dataset, per_class: int, seed: int) -> Dataset:
+  """`dataset` whose train split keeps `per_class` images of every class (stratified, seeded by
+  data.split_seed); val and test are untouched, so the subset is disjoint from both."""
+  train = dataset.split("train")
+  idx = stratified_indices(train.labels, dataset.num_classes, per_class, seed,
+                           dataset.class_names)
+  src = train.source
+  source = ArraySource(np.ascontiguousarray(src.images[idx]), np.asarray(src.labels)[idx]) \
+      if isinstance(src, ArraySource) else SubsetSource(src, idx)
+  splits = {**dataset.splits, "train": Split(source, np.asarray(train.labels)[idx])}
+  version = hash_arrays(dataset.version, f"limit_per_class={per_class}", str(seed))[:16]
+  report = {**dataset.report, "limit_per_class": {"per_class": per_class, "seed": seed,
+                                                  "train_images": int(len(idx))}}
+  return dataclasses.replace(dataset, splits=splits, version=version, report=report)
+
+
+def _load_source(cfg) -> Dataset:
   """`cfg` is the `data` section of the run config. Dispatches on `cfg.source`:
 
   - 'fashion_mnist'                         built-in (apt package, cache, or verified download)

@@ -139,9 +139,10 @@ def _from_manifest(src: str, opener: remote.Opener) -> Resolved:
                   candidates, class_names=names)
 
 
-def _from_s3_tree(src: str, opener: remote.Opener) -> Resolved:
+def _from_object_tree(src: str, opener: remote.Opener) -> Resolved:
+  """An s3:// or gs:// prefix laid out as class folders (optionally under split folders)."""
   prefix = src.rstrip("/")
-  objects = [(k, n) for k, n in opener.list_s3(prefix)
+  objects = [(k, n) for k, n in opener.list_objects(prefix)
              if not any(p.startswith(".") for p in k.split("/"))]
   if not objects:
     raise DataError(f"{src}: no objects under this prefix (or it does not exist)")
@@ -162,9 +163,9 @@ def _from_s3_tree(src: str, opener: remote.Opener) -> Resolved:
   if not candidates:
     raise DataError(f"{src}: no class folders. Expected {prefix}/<class name>/<image files>"
                     + (f"; found loose objects such as {loose[0]!r}" if loose else ""))
-  return Resolved("s3", candidates, info={"given_splits": sorted({c.split for c in candidates
-                                                                  if c.split}),
-                                          "ignored": len(loose)})
+  given_splits = sorted({c.split for c in candidates if c.split})
+  return Resolved(remote.scheme(src), candidates,
+                  info={"given_splits": given_splits, "ignored": len(loose)})
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -255,8 +256,8 @@ def resolve(src: str, work: str, opts: IngestOptions, opener: remote.Opener) -> 
     return _from_manifest(src, opener)
   if archive.is_archive(src):
     return _from_archive(src, work, opener)
-  if remote.scheme(src) == "s3":
-    return _from_s3_tree(src, opener)
+  if remote.scheme(src) in ("s3", "gs"):
+    return _from_object_tree(src, opener)
   if remote.is_remote(src):
     raise DataError(f"{src}: over {remote.scheme(src)}:// give an archive (.tar.gz/.zip) or a "
                     "CSV/JSONL manifest; a web server cannot be listed like a folder")
@@ -695,12 +696,12 @@ def describe(src: str, opts: IngestOptions | None = None, with_records: bool = F
   if not remote.is_remote(src) and os.path.isfile(os.path.join(remote.local_path(src),
                                                                ingested.MANIFEST)):
     return dataset(remote.local_path(src))
-  if remote.scheme(src) in ("s3", "http", "https") and not (archive.is_archive(src) or
-                                                            tabular.is_manifest(src)):
+  if remote.scheme(src) in ("s3", "gs", "http", "https") and not (archive.is_archive(src) or
+                                                                  tabular.is_manifest(src)):
     try:
       return dataset(src)
     except DataError:
-      if remote.scheme(src) != "s3":
+      if remote.scheme(src) not in ("s3", "gs"):  # an object-store prefix may be a source tree
         raise
   opts = opts or IngestOptions(out="")
   opener = create_opener(opts)

@@ -62,7 +62,11 @@ class Store:
 
   def move(self, src_rel: str, dst_rel: str) -> None:
     if self.remote:
-      self.fs.mv(self.path(src_rel), self.path(dst_rel))
+      # Object stores have no rename: a server-side copy, then delete (what s3fs's mv does).
+      # Spelled out because gcsfs's mv first tries GCS's moveTo, which emulators answer 501
+      # and gcsfs retries for ~30 s before it falls back to this same copy + delete.
+      self.fs.copy(self.path(src_rel), self.path(dst_rel))
+      self.fs.rm(self.path(src_rel))
     else:
       os.replace(self.path(src_rel), self.path(dst_rel))
 

@@ -419,9 +419,10 @@ def load_pretrained(name: str, *args, weights_path: str | None = None) -> dict[s
     load_pretrained(name, variables, num_classes)
     load_pretrained(name, model, variables, num_classes)   # the training loop's; `model` lets
                                                            # name be 'imagenet' or a run dir
-  `name`: a catalogue entry ('efficientnet_lite0'); 'imagenet' (the entry that fits `model`); a
-  `.npz` written by `jaxclf weights convert` (jaxclf/models/weights.py); or a jaxclf run directory
-  (its best checkpoint, e.g. to continue from another dataset).
+  `name`: a catalogue entry ('efficientnet_lite0'); 'imagenet' (the entry that fits `model`); or a
+  `.npz` written by `jaxclf weights convert` (jaxclf/models/weights.py). Another jaxclf run as
+  the starting point is the training side's (jaxclf/train/pretrained_init.py): models import
+  nothing from the trainer.
   `variables` are the freshly initialised {'params', 'batch_stats', ...} of the model. When the
   source has num_classes outputs its classifier is loaded too; otherwise the new head in
   `variables` is kept (transfer learning). A 1-channel stem gets the RGB kernel summed over
@@ -442,7 +443,8 @@ def load_pretrained(name: str, *args, weights_path: str | None = None) -> dict[s
     from jaxclf.models.weights import load_converted  # users' own converted weights
     return load_converted(name, variables, num_classes)
   elif name not in PRETRAINED and os.path.isdir(name):
-    return _load_run(name, variables, num_classes)
+    raise PretrainedError(f"{name} is a directory: a run directory as pretrained weights is "
+                          "loaded by jaxclf.train.pretrained_init.load_pretrained_variables")
   entry = _entry(name)
   state = read_pretrained(name, weights_path)
   return load_state_dict(variables, state, num_classes,
@@ -469,32 +471,24 @@ def load_state_dict(variables: Mapping[str, Any], state: Mapping[str, np.ndarray
                f" (is it {model!r}?)")
 
 
-def _load_run(run_dir: str, variables: Mapping[str, Any], num_classes: int) -> dict[str, Any]:
-  """Another run's best checkpoint; its head is kept only if it has the same classes count."""
-  from jaxclf.train.checkpoints import load_inference  # the documented run-dir interface
-  other = _flatten(load_inference(run_dir, "best").variables)
-  head = other.get(("params", *HEAD, "kernel"))
-  load_head = head is not None and head.shape[-1] == num_classes
-  return fill_variables(variables, other, num_classes, load_head, run_dir,
-               " (was that run trained with the same model?)")
-
-
 def fill_variables(variables: Mapping[str, Any], given_flat: Mapping[tuple[str, ...], Any],
                    num_classes: int, load_head: bool, source: str, hint: str = "",
-                   head: tuple[str, ...] = HEAD,
+                   head: tuple = HEAD,
                    stem: tuple[str, ...] = ("params", "stem_conv", "kernel")) -> dict[str, Any]:
   """`variables` with every 'params'/'batch_stats' leaf replaced by the same path of `given_flat`
-  ({('params', 'conv_init', 'kernel'): array, ...}), the module `head` only when load_head. The
-  `stem` kernel is fitted to the model's input channels (`fit_stem`). One PretrainedError lists
-  every missing, unexpected and mismatched key."""
+  ({('params', 'conv_init', 'kernel'): array, ...}), the module `head` only when load_head
+  (`head`: one module path, ('classifier',), or several, (('Dense_0',), ('Dense_1',)), the last
+  being the classifier). The `stem` kernel is fitted to the model's input channels (`fit_stem`).
+  One PretrainedError lists every missing, unexpected and mismatched key."""
+  heads = tuple(head) if head and isinstance(head[0], tuple) else (tuple(head),)
   target = _flatten(variables)
-  target_head = target.get(("params", *head, "kernel"))
+  target_head = target.get(("params", *heads[-1], "kernel"))
   if target_head is not None and target_head.shape[-1] != num_classes:
     raise PretrainedError(f"num_classes={num_classes} but the model's classifier has "
                           f"{target_head.shape[-1]} outputs")
 
   def is_head(path):
-    return path[1:1 + len(head)] == head
+    return any(path[1:1 + len(h)] == h for h in heads)
 
   def wanted_path(path):
     return path[0] in ("params", "batch_stats") and (load_head or not is_head(path))

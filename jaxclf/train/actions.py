@@ -82,6 +82,8 @@ def log_train_metrics(run, step: int) -> None:
 @periodic_action("image_summary", first=True, last=False)
 def write_augmented_batch(run, step: int) -> None:
   """The batch just trained on, as the model saw it (augmentation keyed by its step)."""
+  if run.last_batch is None:  # train.cache_frozen_features: the frozen phase sees no images
+    return
   grid = transforms.image_grid(run.train_input.preview(run.last_batch, run.augment_key, step - 1))
   run.writer.write_images(step - 1, {"train/augmented_batch": grid})
 

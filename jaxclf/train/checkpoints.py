@@ -48,11 +48,14 @@ def restore_state(mngr, step: int, state_template, with_meta: bool = True) -> di
 class Checkpointer:
   def __init__(self, run_dir: str, keep: int = 2):
     root = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-    opts = dict(create=True, enable_async_checkpointing=True)
-    self.latest = ocp.CheckpointManager(
-        os.path.join(root, "latest"), options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
-    self.best = ocp.CheckpointManager(
-        os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
+    # With several processes every one saves its part, and orbax synchronises them at barriers
+    # named by step: the two managers save the same step concurrently (asynchronously), so
+    # each gets its own barrier names, or their barriers cross and the job hangs.
+    opts = lambda kind, keep: ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind))
+    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=opts("latest", keep))
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=opts("best", 1))
 
   def save(self, state, loop_state, best: bool = False) -> None:
     """The TrainState plus the loop's LoopState (jaxclf/train/loop_state.py) as JSON, under the
@@ -167,6 +170,11 @@ def load_inference(run_dir: str, which: str | int = "best") -> InferenceModel:
   # eval_shape: the restore template needs shapes and dtypes only, so nothing is compiled or run.
   template = jax.eval_shape(lambda: create_train_state(jax.random.key(0), model, spec.input_shape,
                                                        create_optimizer(config)))
+  # Onto this process's first device, whatever mesh saved it (2 processes, 4 devices, a GPU):
+  # without a target sharding orbax would rebuild the saving topology and refuse.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          template)
   root = os.path.join(run_dir, "checkpoints")
   order = {"best": ["best", "latest"], "latest": ["latest"]}.get(str(which), ["best", "latest"])
   for kind in order:

@@ -1,8 +1,9 @@
 """TrainRun: what the periodic actions and evaluators of one training run share.
 
 The loop owns the TrainState and the LoopState; actions read and update them through this object.
-Multi-process seam: the writer, the run record and the progress bar belong to process 0 (make
-them no-ops elsewhere); checkpoints are saved by every process (orbax coordinates them).
+With several processes the writer, the run record and the progress bar are process 0's (the
+others get the silent stand-ins below); checkpoints are saved by every process (orbax
+coordinates them), and evaluation metrics are reduced over all of them inside the jitted step.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from jaxclf.train.loop_state import LoopState
 class Progress:
   """tqdm bar with ETA when available and enabled; plain log lines otherwise."""
 
-  def __init__(self, enabled: bool, total: int, initial: int):
-    self.bar = None
-    if enabled:
+  def __init__(self, enabled: bool, total: int, initial: int, silent: bool = False):
+    self.bar, self.silent = None, silent  # silent: not process 0, prints nothing
+    if enabled and not silent:
       try:
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
@@ -37,13 +38,28 @@ class Progress:
   def write(self, msg: str):
     if self.bar is not None:
       self.bar.write(msg)
-    else:
+    elif not self.silent:
       print(msg, flush=True)
 
   def close(self):
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+
+
+class SilentWriter:
+  """MetricWriter's interface, writing nothing: every process but 0."""
+
+  def __getattr__(self, name):
+    if name.startswith(("write_", "flush", "close")):
+      return lambda *args, **kwargs: None
+    raise AttributeError(name)
+
+
+def unwritten(record):
+  """A RunRecord that keeps its data in memory only (every process but 0)."""
+  record.write = lambda: None
+  return record
 
 
 class TrainWindow:

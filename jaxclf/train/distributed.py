@@ -28,9 +28,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxclf.config import ConfigError
 
-class DistributedError(ValueError):
-  """A multi-process setting that cannot work; raised before any compute."""
+
+class DistributedError(ConfigError):
+  """A multi-process setting that cannot work; raised before any compute (the CLI prints it as
+  one line, as it does every config error)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,9 @@ def check_coordinator_port(settings: Settings) -> None:
   host, port = settings.host_port()
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
   with socket.socket(family, socket.SOCK_STREAM) as s:
+    # As gRPC's server does: the last run's connections in TIME_WAIT do not block a rerun on the
+    # same port; a socket listening on it does.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       s.bind(("" if host not in ("127.0.0.1", "::1", "localhost") else host, port))
     except OSError as e:
@@ -130,10 +136,16 @@ def topology(mesh=None) -> dict[str, Any]:
   return out
 
 
-def check_global_batch(batch_size: int, device_count: int, field: str = "train.batch_size") -> None:
+def check_global_batch(batch_size: int, device_count: int, field: str = "train.batch_size",
+                       grad_accum_steps: int = 1) -> None:
   if batch_size % device_count:
     raise DistributedError(f"{field}={batch_size} is not divisible by the {device_count} devices "
                            f"of the mesh (all processes together): use a multiple of {device_count}")
+  k = grad_accum_steps
+  if batch_size % (k * device_count):
+    raise DistributedError(f"{field}={batch_size} is not divisible by train.grad_accum_steps={k} "
+                           f"x the {device_count} devices: every micro-batch is sharded over all "
+                           f"devices, so use a multiple of {k * device_count}")
 
 
 def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -154,10 +166,66 @@ def local_indices(global_order: np.ndarray, step: int, global_batch: int, proces
   return batch[local_rows(global_batch, process_index, process_count)]
 
 
+def process_order(global_order: np.ndarray, global_batch: int, process_index: int,
+                  process_count: int) -> np.ndarray:
+  """This process's part of an epoch's global order: its rows of every full global batch, batch
+  after batch, so that reading it in batches of global_batch / process_count gives local_indices
+  of step 0, 1, 2, ... (the remainder that fills no global batch is dropped, as drop_remainder)."""
+  n = len(global_order) // global_batch
+  rows = local_rows(global_batch, process_index, process_count)
+  return np.asarray(global_order)[:n * global_batch].reshape(n, global_batch)[:, rows].reshape(-1)
+
+
+def local_part(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a host batch that every process holds whole (evaluation)."""
+  import jax
+  if jax.process_count() == 1:
+    return dict(batch)
+  n = len(next(iter(batch.values())))
+  rows = local_rows(n, jax.process_index(), jax.process_count())
+  return {k: v[rows] for k, v in batch.items()}
+
+
+def assemble(local_batch, sharding):
+  """The global batch from every process's rows (jax.make_array_from_process_local_data); with
+  one process simply the batch on the mesh."""
+  import jax
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def replicate(tree, sharding):
+  """A pytree that every process holds identically (a seeded init, a restored checkpoint) as
+  global arrays replicated over the mesh: built from each process's own copy, nothing is sent
+  between processes. With one process, jax.device_put."""
+  import jax
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(one, tree)
+
+
+def check_resume_topology(saved: Mapping[str, Any] | None, where: str) -> None:
+  """A checkpoint resumes with the process count that wrote it (recorded in its loop state)."""
+  import jax
+  if not saved or saved.get("process_count") in (None, jax.process_count()):
+    return
+  n = saved["process_count"]
+  raise DistributedError(f"{where} was saved by {n} process(es), but this run has "
+                         f"{jax.process_count()}: resume with distributed.num_processes={n}, or "
+                         "train into a new workdir")
+
+
 # What JAX's runtime prints when a job dies, and what it means (jax 0.10, XLA's coordination
 # service). Checked against real runs of two processes on 127.0.0.1 (tests/test_distributed.py).
 _FAILURES = (
-    (re.compile(r"Task (\d+) heartbeat timeout"),
+    (re.compile(r"Task (\d+) heartbeat timeout|tasks are unhealthy \(stopped sending "
+                r"heartbeats\):\s*(\d+)"),
      "process {0} of {n} was lost (no heartbeat for {hb} s): the job stopped. Rerun the same "
      "commands on every host to resume from the last checkpoint."),
     (re.compile(r"CoordinationService/RegisterTask"),
@@ -168,6 +236,10 @@ _FAILURES = (
                 r"failed to connect to all addresses", re.S),
      "lost the coordinator (process 0 at {coord}): the job stopped. Rerun the same commands "
      "on every host to resume from the last checkpoint."),
+    # A collective that broke before the heartbeat named the lost process.
+    (re.compile(r"Gloo \w+ failed: .*(?:Connection closed by peer|Connection reset)"),
+     "a peer process was lost in the middle of a step (its connection closed): the job "
+     "stopped. Rerun the same commands on every host to resume from the last checkpoint."),
 )
 
 
@@ -179,7 +251,8 @@ def explain_failure(log_tail: str, settings: Settings) -> str | None:
   for pattern, message in _FAILURES:
     m = pattern.search(log_tail)
     if m:
-      return f"process {settings.process_id}: " + message.format(*m.groups(), **fields)
+      groups = [g for g in m.groups() if g is not None]  # the alternative that matched
+      return f"process {settings.process_id}: " + message.format(*groups, **fields)
   return None
 
 

@@ -19,13 +19,15 @@ import jax
 import numpy as np
 
 from jaxclf.config.names import EVALUATOR_ARGS, check_table
-from jaxclf.train import inputs
+from jaxclf.train import distributed, inputs
 
 
 def evaluate_split(state, split, spec, config, eval_steps, data_sharding, failures=None,
                    with_logits: bool = False) -> dict:
   """Loss and accuracy of `state` on every example of `split` (padding masked out).
-  `eval_steps`: {on_device: jitted eval step} for uint8 (device) or preprocessed (host) batches."""
+  `eval_steps`: {on_device: jitted eval step} for uint8 (device) or preprocessed (host) batches.
+  With several processes each feeds its rows of every batch; the step's metrics and logits come
+  back replicated, so they are reduced over all processes."""
   bs = int(config.train.eval_batch_size)
   n_dev = data_sharding.mesh.size
   bs = max(n_dev, bs - bs % n_dev)
@@ -34,7 +36,8 @@ def evaluate_split(state, split, spec, config, eval_steps, data_sharding, failur
   for batch in inputs.eval_batches(split, spec, bs, on_device=on_device,
                                    max_pixels=int(config.data.max_pixels),
                                    read_threads=int(config.data.read_threads), failures=failures):
-    m, out = eval_steps[on_device](state, jax.device_put(batch, data_sharding))
+    m, out = eval_steps[on_device](
+        state, distributed.assemble(distributed.local_part(batch), data_sharding))
     total = m if total is None else total.merge(m)
     if with_logits:
       keep = batch["label"] >= 0

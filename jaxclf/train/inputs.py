@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxclf.data import device_augment, pipeline, transforms
 from jaxclf.data.dataset import DataError, Split
+from jaxclf.train import distributed
 
 
 def use_device_path(setting: str, split: Split, spec: transforms.PreprocessSpec,
@@ -49,6 +50,14 @@ class TrainInput:
   read_threads: int = 1
   prefetch: int = 8
   worker_processes: int = 0
+  # Multi-process: every process draws the same global order and reads only its rows of each
+  # global batch of `batch_size` (distributed.local_rows): batches here are local ones.
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.batch_size // self.process_count
 
   def prepare_fn(self, key) -> Callable | None:
     """The step's `prepare` hook (device path), or None when batches arrive ready (Grain)."""
@@ -56,15 +65,20 @@ class TrainInput:
 
   def epoch_batches(self, epoch: int, step: int, iter_state) -> Iterator[dict[str, np.ndarray]]:
     """The batches of `epoch` from global `step` on (mid-epoch resume)."""
+    p, n = self.process_index, self.process_count
     if self.on_device:
       labels = self.split.labels
       order = pipeline.epoch_order(labels, epoch=epoch, seed=self.seed, sampler=self.sampler)
+      if n > 1:
+        order = distributed.process_order(order, self.batch_size, p, n)
       return pipeline.array_batches(pipeline.in_memory_pixels(self.split, self.spec),
-                                    np.asarray(labels), order, self.batch_size,
+                                    np.asarray(labels), order, self.local_batch_size,
                                     start=step - epoch * self.steps_per_epoch)
     ds = pipeline.train_dataset(self.split, epoch=epoch, seed=self.seed,
-                                batch_size=self.batch_size, transform=self.grain_transform,
+                                batch_size=self.local_batch_size, transform=self.grain_transform,
                                 sampler=self.sampler)
+    if n > 1:  # local batch p, p+n, ... of the one shuffled order: its rows of each global batch
+      ds = ds[:self.steps_per_epoch * n][p::n]
     it = pipeline.to_iterator(ds, self.read_threads, self.prefetch, self.worker_processes)
     if iter_state is not None:
       it.set_state(iter_state)
@@ -88,9 +102,8 @@ class TrainInput:
 
 class StepBatches:
   """The batches of global steps start+1 .. end, epoch after epoch: the flat loop's one input.
-
-  Multi-process seam: this is where the batches are assembled; each process would take its own
-  shard of every global batch here (and the loop would build the global array from them)."""
+  With several processes each batch is this process's rows of the global batch (the loop builds
+  the global array from them, distributed.assemble)."""
 
   def __init__(self, train_input: TrainInput, start: int, end: int, saved_epoch: int | None,
                saved_state):

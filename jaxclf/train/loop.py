@@ -28,10 +28,10 @@ from jaxclf.data.dataset import DataError, class_weights, load_dataset, write_re
 from jaxclf.models.layers import resolve_conv_impl
 from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
-from jaxclf.train import inputs, steps
+from jaxclf.train import distributed, finetune, inputs, precision, steps
 from jaxclf.train.actions import NonFiniteError, check_finite, run_actions
 from jaxclf.train.checkpoints import Checkpointer
-from jaxclf.train.context import Progress, TrainRun
+from jaxclf.train.context import Progress, SilentWriter, TrainRun, unwritten
 from jaxclf.train.evaluators import create_evaluators
 from jaxclf.train.loop_state import LoopState
 from jaxclf.train.optimizers import create_optimizer
@@ -61,48 +61,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   (epoch, step, val_loss, val_accuracy, train_loss: validation only, never test). A truthy return
   stops the run with that string as its status (a sweep's pruner returns "pruned")."""
   validate(config)
+  # jax.distributed joins the processes before anything starts a JAX backend (a no-op alone).
+  distributed.initialize(distributed.Settings.from_config(config.distributed))
+  primary = jax.process_index() == 0  # writes run.json, TensorBoard, the progress bar
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  dataset, spec, aug = _load_and_check_data(config, workdir)  # before any compilation
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  dataset, spec, aug = _load_and_check_data(config, workdir, primary)  # before any compilation
+  mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices, by process
   steps_per_epoch, total_steps = _steps(config, dataset, mesh.size)
 
   model = create_model_from_config(config, dataset.num_classes)
   if hasattr(model, "conv_impl"):  # built-ins; a custom model keeps its own convolutions
     model = model.clone(conv_impl=resolve_conv_impl(config.model.conv_impl))
   init_rng, dropout_key, augment_key = jax.random.split(jax.random.key(int(config.seed)), 3)
-  state = create_train_state(init_rng, model, spec.input_shape, create_optimizer(config))
-  ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
-  state, loop_state, resumed_step = _restore_or_initialise(config, ckpt, state, model, dataset,
-                                                           steps_per_epoch, workdir)
-
+  state = create_train_state(init_rng, model, spec.input_shape, create_optimizer(config),
+                             loss_scale=precision.create_loss_scale(config.model.dtype))
   repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  if jax.process_count() > 1:  # restored straight into global arrays, saved by every process
+    state = distributed.replicate(state, repl)
+  ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+  state, loop_state, resumed_step, pretrained_record = _restore_or_initialise(
+      config, ckpt, state, model, dataset, steps_per_epoch, workdir)
+  loop_state.topology = distributed.topology(mesh)
   failures = pipeline.DecodeFailures()
   train_input = _create_train_input(config, dataset.split("train"), spec, aug, steps_per_epoch,
                                     failures)
   lr_fn = create_learning_rate_fn(config, steps_per_epoch,
                                   steps_per_epoch * int(config.train.num_epochs))
-  train_step = jax.jit(
-      partial(steps.train_step, lr_fn=lr_fn, label_smoothing=float(config.train.label_smoothing),
-              class_weights=jnp.asarray(class_weights(dataset.split("train").labels,
-                                                      dataset.num_classes,
-                                                      config.train.class_weights)),
-              dropout_key=dropout_key, prepare=train_input.prepare_fn(augment_key)),
-      in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
+  step_args = dict(lr_fn=lr_fn, label_smoothing=float(config.train.label_smoothing),
+                   class_weights=jnp.asarray(class_weights(dataset.split("train").labels,
+                                                           dataset.num_classes,
+                                                           config.train.class_weights)),
+                   dropout_key=dropout_key, grad_accum_steps=int(config.train.grad_accum_steps),
+                   freeze_backbone_steps=finetune.frozen_steps(config, steps_per_epoch))
+  jit_step = partial(jax.jit, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
+                     donate_argnums=(0,))
+  train_step = jit_step(partial(steps.train_step, **step_args,
+                                prepare=train_input.prepare_fn(augment_key)))
   step = int(jax.device_get(state.step))
   run = TrainRun(
       config=config, workdir=workdir, dataset=dataset, spec=spec,
-      state=jax.device_put(state, repl), loop=loop_state, steps_per_epoch=steps_per_epoch,
+      state=distributed.replicate(state, repl), loop=loop_state, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, start_step=step, train_input=train_input,
       eval_steps=_create_eval_steps(dataset.num_classes, spec, repl, data_sharding),
       data_sharding=data_sharding, failures=failures, ckpt=ckpt,
-      # Multi-process seam: the writer, record and progress bar are process 0's.
-      writer=MetricWriter(os.path.join(workdir, "tb")), record=RunRecord(workdir),
-      progress=Progress(bool(config.train.progress_bar), total_steps, step),
+      writer=MetricWriter(os.path.join(workdir, "tb")) if primary else SilentWriter(),
+      record=RunRecord(workdir) if primary else unwritten(RunRecord(workdir)),
+      progress=Progress(bool(config.train.progress_bar), total_steps, step, silent=not primary),
       augment_key=augment_key, epoch_callback=epoch_callback, evals=create_evaluators(config))
-  _start_record(run, model, resumed_step, mesh.size)
+  run.record.data["topology"] = loop_state.topology  # processes, devices, mesh
+  _start_record(run, model, resumed_step, mesh.size, pretrained_record)
   try:
-    _train(run, train_step)
+    _train(run, _create_phases(run, model, train_step, jit_step, step_args))
     metrics, calibration = _final_evaluation(run, repl)
   except BaseException as e:
     run.record.finish("failed", error=f"{type(e).__name__}: {e}")
@@ -114,9 +124,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return _finish(run, metrics, calibration)
 
 
-def _load_and_check_data(config, workdir):
+def _load_and_check_data(config, workdir, write: bool = True):
   """Dataset, preprocessing and augmentation specs; every data problem surfaces here, and the
-  run directory gets data_report.json, config.json and preprocessing.json."""
+  run directory gets data_report.json, config.json and preprocessing.json (from process 0)."""
   dataset = load_dataset(config.data)
   for name in ("train", "val"):
     if len(dataset.split(name).labels) == 0:
@@ -125,6 +135,8 @@ def _load_and_check_data(config, workdir):
   if dataset.image_shape and dataset.image_shape[2] not in (1, 3):
     raise DataError(f"images have {dataset.image_shape[2]} channels; expected 1 or 3")
   aug = transforms.AugmentSpec.from_config(config.augment)
+  if not write:
+    return dataset, spec, aug
   write_report(dataset, os.path.join(workdir, "data_report.json"))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2, default=list)
@@ -136,8 +148,8 @@ def _load_and_check_data(config, workdir):
 def _steps(config, dataset, n_dev: int) -> tuple[int, int]:
   """(steps per epoch, the planned last step: num_epochs worth or train.max_steps)."""
   batch_size = int(config.train.batch_size)
-  if batch_size % n_dev:
-    raise ValueError(f"train.batch_size={batch_size} must be divisible by the {n_dev} devices")
+  distributed.check_global_batch(batch_size, n_dev,
+                                 grad_accum_steps=int(config.train.grad_accum_steps))
   n_train = len(dataset.split("train").labels)
   steps_per_epoch = n_train // batch_size
   if steps_per_epoch == 0:
@@ -148,21 +160,26 @@ def _steps(config, dataset, n_dev: int) -> tuple[int, int]:
 
 
 def _restore_or_initialise(config, ckpt, state, model, dataset, steps_per_epoch, workdir):
-  """-> (state, LoopState, resumed step or None): the latest checkpoint (any loop-state
-  version), else model.pretrained's weights, else the fresh initialisation."""
+  """-> (state, LoopState, resumed step or None, model.pretrained's provenance or None): the
+  latest checkpoint (any loop-state version), else model.pretrained's weights
+  (jaxclf/train/pretrained_init.py), else the fresh initialisation."""
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, meta = restored
     step = int(state.step)
+    loop_state = LoopState.from_json(meta, step=step, steps_per_epoch=steps_per_epoch)
+    distributed.check_resume_topology(loop_state.topology,
+                                      f"{workdir}/checkpoints/latest (step {step})")
     log.info("resuming from %s/checkpoints/latest at step %d", workdir, step)
-    return state, LoopState.from_json(meta, step=step, steps_per_epoch=steps_per_epoch), step
+    return state, loop_state, step, None
+  record = None
   if config.model.pretrained:
-    from jaxclf.models.pretrained import load_pretrained  # only when asked for
-    variables = load_pretrained(config.model.pretrained, model,
-                                {"params": state.params, "batch_stats": state.batch_stats},
-                                dataset.num_classes)
+    from jaxclf.train.pretrained_init import load_pretrained_variables  # only when asked for
+    variables, record = load_pretrained_variables(
+        config, model, {"params": state.params, "batch_stats": state.batch_stats},
+        dataset.class_names)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-  return state, LoopState(), None
+  return state, LoopState(), None, record
 
 
 def _create_train_input(config, train_split, spec, aug, steps_per_epoch, failures):
@@ -172,7 +189,8 @@ def _create_train_input(config, train_split, spec, aug, steps_per_epoch, failure
       on_device=inputs.use_device_path(config.data.on_device, train_split, spec, aug),
       grain_transform=pipeline.TrainTransform(spec, aug, int(config.data.max_pixels), failures),
       read_threads=int(config.data.read_threads), prefetch=int(config.data.prefetch_batches),
-      worker_processes=int(config.data.worker_processes))
+      worker_processes=int(config.data.worker_processes),
+      process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _create_eval_steps(num_classes, spec, repl, data_sharding) -> dict:
@@ -184,14 +202,17 @@ def _create_eval_steps(num_classes, spec, repl, data_sharding) -> dict:
       for on_device in (False, True)} for tta in (False, True)}
 
 
-def _start_record(run, model, resumed_step, n_dev: int) -> None:
+def _start_record(run, model, resumed_step, n_dev: int, pretrained=None) -> None:
   config, dataset, ti = run.config, run.dataset, run.train_input
   n_params = count_params(run.state.params)
   conv_impl = getattr(model, "conv_impl", "model's own")
-  run.record.start(config, dataset.summary(), {
-      "name": config.model.name, "params": n_params, "kwargs": dict(config.model.kwargs),
-      "conv_impl": conv_impl, "input_path": "on_device" if ti.on_device else "grain"},
-      resumed_step)
+  info = {"name": config.model.name, "params": n_params, "kwargs": dict(config.model.kwargs),
+          "conv_impl": conv_impl, "input_path": "on_device" if ti.on_device else "grain"}
+  if pretrained is None and resumed_step is not None:  # a resumed segment loads nothing: keep
+    pretrained = (run.record.data.get("model") or {}).get("pretrained")  # the first's record
+  if pretrained is not None:  # model.pretrained's provenance
+    info["pretrained"] = pretrained
+  run.record.start(config, dataset.summary(), info, resumed_step)
   if resumed_step is None:
     run.writer.write_hparams({k: v for k, v in run.record.data["config"].items()
                               if not isinstance(v, list)})
@@ -203,23 +224,52 @@ def _start_record(run, model, resumed_step, n_dev: int) -> None:
            else "from Grain", ", ".join(f"{n} ({e.when})" for n, e in run.evals.items()))
 
 
-def _train(run: TrainRun, train_step) -> None:
-  """The flat step loop: one jitted step, then every periodic action due at that step."""
+def _create_phases(run: TrainRun, model, train_step, jit_step, step_args) -> finetune.Phases:
+  """The ordinary step, and for train.freeze_backbone_epochs the frozen phase's own jitted step
+  on images or (train.cache_frozen_features) on the backbone's cached features."""
+  frozen_end = step_args["freeze_backbone_steps"]
+  if frozen_end == 0 or run.start_step >= frozen_end:
+    return finetune.Phases(train_step)
+  c = run.config
+  mask = finetune.backbone_mask(c.model.name, run.state.params)
+  if not c.train.cache_frozen_features:
+    return finetune.Phases(train_step, jit_step(partial(
+        steps.train_step, **step_args, prepare=run.train_input.prepare_fn(run.augment_key),
+        frozen_backbone=mask)), frozen_end)
+  split = run.dataset.split("train")
+  features, record = finetune.compute_features(
+      run.state, c.model.name, split, run.spec, int(c.train.eval_batch_size),
+      int(c.data.max_pixels), int(c.data.read_threads))
+  run.record.update(feature_cache=record)
+  frozen_step = jit_step(partial(steps.train_step, **step_args, frozen_backbone=mask,
+                                 head_forward=finetune.create_head_forward(model, record["head"])))
+  batches = finetune.cached_batches(
+      features, split.labels, start=run.start_step, end=frozen_end,
+      steps_per_epoch=run.steps_per_epoch, batch_size=int(c.train.batch_size), seed=int(c.seed),
+      sampler=c.data.sampler)
+  return finetune.Phases(train_step, frozen_step, frozen_end, batches)
+
+
+def _train(run: TrainRun, phases: finetune.Phases) -> None:
+  """The flat step loop: one jitted step (the phase's), then every periodic action due at it."""
   start = run.start_step
-  run.batches = run.train_input.stream(start, run.total_steps, run.loop.iter_epoch,
-                                       run.loop.iter_state)
+  run.batches = run.train_input.stream(phases.image_start(start), run.total_steps,
+                                       run.loop.iter_epoch, run.loop.iter_state)
   if run.loop.resume_pending:  # a pre-LoopState checkpoint saved before its epoch-end actions
     run_actions(run, start)
   prev = None  # the previous step's metrics: checked for NaN while this step runs
   for step in range(start + 1, run.total_steps + 1):
+    train_step, batches = phases.at(step, run.batches)
     t_wait = time.time()
-    batch = next(run.batches)
+    batch = next(batches)
     wait = time.time() - t_wait
-    # Multi-process seam: the global batch would be built from each process's shard here.
-    run.state, m = train_step(run.state, jax.device_put(batch, run.data_sharding))
+    # With several processes, `batch` is this one's rows: the global batch is built from all.
+    run.state, m = train_step(run.state, distributed.assemble(batch, run.data_sharding))
     if prev is not None:
       check_finite(prev, step - 1)  # blocks only on the previous step: the queue stays full
-    prev, run.last_batch = m, batch
+    prev = m
+    if "image" in batch:  # the feature cache's batches hold no images
+      run.last_batch = batch
     run.window.add(m, wait)
     run.progress.update(1)
     run_actions(run, step)
@@ -235,7 +285,7 @@ def _final_evaluation(run: TrainRun, repl):
   run.progress.close()
   run.ckpt.wait()
   best = run.ckpt.restore_best(run.state)
-  state = jax.device_put(best[0], repl) if best is not None else run.state
+  state = distributed.replicate(best[0], repl) if best is not None else run.state
   step = int(jax.device_get(run.state.step))
   run.finishing = True
   metrics: dict[str, Any] = {"val": run.loop.best["val"] if run.loop.best else None}
@@ -254,7 +304,7 @@ def _final_evaluation(run: TrainRun, repl):
 
 
 def _finish(run: TrainRun, metrics: dict, calibration) -> dict[str, Any]:
-  if run.failures.items:
+  if run.failures.items and jax.process_index() == 0:
     run.dataset.report.setdefault("pipeline_decode_failures", run.failures.items)
     write_report(run.dataset, os.path.join(run.workdir, "data_report.json"))
   step = int(jax.device_get(run.state.step))

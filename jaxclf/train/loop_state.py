@@ -27,6 +27,9 @@ class LoopState:
   # in-memory path or at an epoch boundary).
   iter_state: Any = None
   iter_epoch: int | None = None
+  # Who saved it: distributed.topology() (process_count, device_count, mesh); a checkpoint resumes
+  # only with the same process count (None: written before multi-process training existed).
+  topology: dict | None = None
   # Not saved: set when a version-0 checkpoint was taken before its step's epoch-end actions ran
   # (the old loop saved mid-epoch checkpoints before validating), so resuming runs them first.
   resume_pending: bool = dataclasses.field(default=False, compare=False)

@@ -32,7 +32,8 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
 
 
 def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
-               prepare=None, grad_accum_steps=1, freeze_backbone_steps=0):
+               prepare=None, grad_accum_steps=1, freeze_backbone_steps=0,
+               frozen_backbone=None, head_forward=None):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
   draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
   batch into model input inside the step (on-device augmentation and normalisation).
@@ -43,7 +44,13 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   as accumulation in PyTorch does. `state.loss_scale` (precision.DynamicLossScale, set for
   float16 compute) scales the loss before differentiation and skips the update when the
   gradients overflow. For the first `freeze_backbone_steps` steps a fine-tuning optimizer's
-  backbone is frozen (its `backbone_gate` hyperparameter is 0)."""
+  backbone is frozen (its `backbone_gate` hyperparameter is 0).
+
+  The frozen phase's own step (jaxclf/train/finetune.py) passes `frozen_backbone`, the params
+  tree with True on every backbone leaf: the model runs in inference mode (BatchNorm running
+  statistics, kept unchanged; no dropout or stochastic depth) and the backbone's gradients are
+  zeros, so XLA drops the backward pass through it. With `head_forward(params, features)` the
+  batch holds cached backbone features instead of images (train.cache_frozen_features)."""
   num_classes = class_weights.shape[0]
   loss_scale = state.loss_scale
   rng = jax.random.fold_in(dropout_key, state.step)
@@ -51,9 +58,15 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
     batch = prepare(batch, state.step)
 
   def loss_fn(params, batch_stats, micro, key):
-    logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
-        mutable=["batch_stats"], rngs={"dropout": key})
+    if frozen_backbone is not None:
+      logits = head_forward(params, micro["features"]) if head_forward is not None else \
+          state.apply_fn({"params": params, "batch_stats": batch_stats}, micro["image"],
+                         train=False)
+      updates = {}
+    else:
+      logits, updates = state.apply_fn(
+          {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
+          mutable=["batch_stats"], rngs={"dropout": key})
     loss = cross_entropy(logits, micro["label"], num_classes, label_smoothing, class_weights)
     loss = loss.mean()
     scaled = loss_scale.scale_loss(loss) if loss_scale is not None else loss
@@ -65,6 +78,9 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   else:
     grads, (loss, logits, batch_stats) = _accumulate(grad_fn, state, batch, rng,
                                                      grad_accum_steps)
+  if frozen_backbone is not None:
+    grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads,
+                         frozen_backbone)
   finite = jnp.array(True)
   if loss_scale is not None:
     grads = loss_scale.unscale(grads)

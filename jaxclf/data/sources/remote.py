@@ -1,10 +1,11 @@
-"""Reading bytes from where users keep images: local paths, file://, http(s):// and s3://.
+"""Reading bytes from where users keep images: local paths, file://, http(s)://, s3:// and gs://.
 
 HTTP goes through `HttpFetcher` (stdlib urllib: timeouts, retries with backoff on timeouts,
 connection errors, truncated bodies and 408/429/5xx, a concurrency limit shared by all threads,
 a size cap). S3 goes through fsspec/s3fs, configured the standard AWS way (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers such as MinIO). Every reader
-returns (bytes, None) or (None, reason): a failed download is a reported skip, not a crash.
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers such as MinIO). GCS goes through
+gcsfs with Google's default credentials, or an emulator named by STORAGE_EMULATOR_HOST. Every
+reader returns (bytes, None) or (None, reason): a failed download is a reported skip, not a crash.
 """
 from __future__ import annotations
 
@@ -137,13 +138,26 @@ def s3_filesystem():
 
 
 def gcs_filesystem():
-  """gcsfs with Google's default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, metadata)."""
+  """gcsfs with Google's default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, metadata),
+  or, with STORAGE_EMULATOR_HOST set (a local GCS emulator), anonymous and JSON API only."""
   try:
     import gcsfs  # noqa: PLC0415 - optional edge dependency
+    import gcsfs.core  # noqa: PLC0415
   except ImportError:
-    raise DataError("gs:// needs the gcsfs package (the release matching fsspec's version, e.g. "
-                    "pip install gcsfs==<fsspec version>)") from None
+    raise DataError("gs:// needs the gcsfs package: pip install -r requirements/data.txt "
+                    "(.venv and .venv-beam have it)") from None
+  if os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+    # An emulator takes no credentials: token='anon' skips Google's default-credential chain,
+    # which would ask the GCE metadata server. gcsfs.GCSFileSystem is the extended class that
+    # first asks the bucket's layout over gRPC (storage-control), which emulators do not serve
+    # (each call waits out a 60 s timeout), so use the plain JSON-API class.
+    return gcsfs.core.GCSFileSystem(token="anon", skip_instance_cache=True)
   return gcsfs.GCSFileSystem(skip_instance_cache=True)
+
+
+def object_path(uri: str) -> str:
+  """bucket/key of an s3:// or gs:// URI (what fsspec filesystems take)."""
+  return uri.split("://", 1)[1] if scheme(uri) in ("s3", "gs") else uri
 
 
 def strip_s3(uri: str) -> str:
@@ -174,7 +188,7 @@ class Opener:
       with self._s3_lock:
         if getattr(self, "_gcs", None) is None:
           self._gcs = gcs_filesystem()
-      return self._gcs, uri[len("gs://"):]
+      return self._gcs, object_path(uri)
     raise DataError(f"{uri!r}: not an object-store URI (s3:// or gs://)")
 
   def read(self, uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes | None, str | None]:
@@ -198,8 +212,8 @@ class Opener:
         return None, f"no such {sch.upper()} object"
       except DataError as e:
         return None, str(e)
-      except Exception as e:  # noqa: BLE001 - botocore raises many types; all mean 'skip it'
-        return None, f"S3 read failed ({type(e).__name__}: {e})"
+      except Exception as e:  # noqa: BLE001 - botocore/gcsfs raise many types; all mean 'skip it'
+        return None, f"{sch.upper()} read failed ({type(e).__name__}: {e})"
     return None, f"unsupported URI scheme {sch!r}"
 
   def reader(self, uri: str) -> Reader:
@@ -212,11 +226,15 @@ class Opener:
       raise DataError(f"{what} {uri!r}: {err}")
     return data
 
-  def list_s3(self, prefix: str) -> list[tuple[str, int]]:
-    """All objects under s3://bucket/prefix/ as (key relative to the prefix, size)."""
-    root = strip_s3(prefix).rstrip("/")
+  def list_objects(self, prefix: str) -> list[tuple[str, int]]:
+    """All objects under s3://bucket/prefix/ or gs://bucket/prefix/ as (key relative to the
+    prefix, size). (A bare bucket/prefix is read as s3, as before gs:// existed.)"""
     try:
-      found = self.s3.find(root, detail=True)
+      fs, root = self.object_store(prefix if scheme(prefix) else f"s3://{prefix}")
+      root = root.rstrip("/")
+      found = fs.find(root, detail=True)
+    except DataError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise DataError(f"cannot list {prefix!r}: {type(e).__name__}: {e}") from None
     out = []
@@ -225,6 +243,8 @@ class Opener:
         continue
       out.append((key[len(root) + 1:], int(info.get("size") or 0)))
     return out
+
+  list_s3 = list_objects  # the older name (serving's predict CLI uses it)
 
 
 def download(opener: Opener, uri: str, dest: str) -> None:
@@ -237,8 +257,9 @@ def download(opener: Opener, uri: str, dest: str) -> None:
       with open(local_path(uri), "rb") as src, open(tmp, "wb") as out:
         while chunk := src.read(1 << 20):
           out.write(chunk)
-    elif sch == "s3":
-      opener.s3.get_file(strip_s3(uri), tmp)
+    elif sch in ("s3", "gs"):
+      fs, path = opener.object_store(uri)
+      fs.get_file(path, tmp)
     elif sch in ("http", "https"):
       _download_http(opener.http, uri, tmp)
     else:

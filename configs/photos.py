@@ -1,0 +1,61 @@
+"""Your own photos (a class-per-folder directory, or a dataset from `jaxclf data ingest`),
+fine-tuned from EfficientNet-Lite0's ImageNet weights.
+
+Commands:
+  jaxclf data ingest ./my_photos --out data/photos          # decode-check, dedupe, split
+  python -m jaxclf.main --config=configs/photos.py --workdir=runs/photos \
+      --config.data.source=data/photos
+  python -m jaxclf.main --config=configs/photos.py:size=224 --workdir=runs/photos224 \
+      --config.data.source=data/photos                      # the weights' own resolution (GPU)
+
+What it sets (five keys a user would otherwise set by hand, plus the schedule):
+  - 3 channels, `size` px (default 160; 128-224 is the sensible range: 224 is the weights'
+    native size, 128 costs a third of it), bicubic resize, an 87.5% centre crop at evaluation;
+  - the weights' own normalisation (mean 127/255, std 128/255 per channel, from
+    jaxclf/models/pretrained.py's catalogue) in the shared preprocessing spec, so the export and
+    every serving path normalise the same way;
+  - training augmentation: random-resized-crop (scale 0.35-1), horizontal flip, colour jitter
+    (brightness, contrast, saturation 0.2). These run on the host (Grain), per image;
+  - the fine-tuning schedule of configs/transfer.py: a new head, 2 frozen epochs on cached
+    features of the UN-augmented images (a linear probe), then everything trains with the
+    backbone at 0.1x the head's learning rate.
+
+Expected: not measured yet (depends on your photos; measure with your own run).
+"""
+import importlib.util
+import os
+
+from jaxclf.config import default_config, parse_arg
+
+
+def _transfer():
+  """configs/transfer.py, beside this file (config files are loaded by path, not as a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer.py")
+  spec = importlib.util.spec_from_file_location("_jaxclf_config_transfer", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  a = parse_arg(arg, size=160, source="")
+  if not 32 <= a.size <= 512:
+    raise ValueError(f"configs/photos.py: size={a.size} px; use 128-224 (32-512 allowed)")
+  c = default_config()
+  c.name = "photos_lite0"
+  transfer = _transfer()
+  transfer.lite0_finetune(c, a.size, channels=3)
+  if a.source:
+    c.data.source = a.source
+  c.preprocessing.crop_fraction = transfer.WEIGHTS.crop_fraction
+  c.augment.translate = 0
+  c.augment.random_resized_crop = True
+  c.augment.crop_scale = (0.35, 1.0)
+  c.augment.hflip = True
+  c.augment.brightness = 0.2
+  c.augment.contrast = 0.2
+  c.augment.saturation = 0.2
+  c.train.batch_size = 32
+  c.train.num_epochs = 10
+  c.train.tta_flip = False
+  return c

@@ -1,0 +1,83 @@
+"""Transfer learning: EfficientNet-Lite0's ImageNet weights fine-tuned on Fashion-MNIST.
+
+Commands:
+  python -m jaxclf.main --config=configs/transfer.py --workdir=runs/tl
+  python -m jaxclf.main --config=configs/transfer.py:few_shot --workdir=runs/tl100 \
+      --config.data.limit_per_class=10
+  python bench/transfer_curve.py --out docs/transfer_curve      # the data-efficiency curve
+
+The recipe (jaxclf/train/finetune.py, jaxclf/train/optimizers.py):
+  - input adaptation in the shared preprocessing spec, so export and serving follow: the grey
+    image at the weights' own normalisation (mean 127/255, std 128/255 on every channel, from the
+    catalogue in jaxclf/models/pretrained.py; not the 0.485/0.229 ImageNet statistics), resized
+    28 -> 64 px bicubic; the RGB stem summed over its input channels (exactly the RGB stem on the
+    grey image repeated three times, at a third of the stem's cost);
+  - a new 10-class head (model.pretrained=imagenet keeps every backbone array and BatchNorm
+    statistic; run.json records the file, its sha256 and that the head was replaced);
+  - train.freeze_backbone_epochs=2: the head alone, with the backbone in inference mode (BatchNorm
+    running statistics) and exactly frozen; train.cache_frozen_features=True makes those epochs a
+    linear probe on features computed once per image. Those features are of the UN-augmented
+    image: augmentation (+-4 px shifts, flips) only applies once everything unfreezes;
+  - then everything trains, the backbone at 0.1x the head's learning rate (optimizer.lr_mults).
+
+64 px rather than the weights' 224: Lite0 downsamples 32x, so 64 px gives a 2x2 final map (28 px
+would give 1x1) at (64/224)^2 = 8% of the native cost; on this 2-core CPU that is what lets the
+curve fit (see bench/transfer_curve.py for the budget). Step cost (bench/lite0_step.py, batch 32,
+the machine shared with other jobs): 21.8 img/s for a full Lite0 step (depthwise convs as taps;
+2.1 img/s with XLA's grouped convolution), 831 img/s for a cached-feature head step, 376 img/s for
+the one-off feature pass.
+
+Variants (`arg`): (none) the full train split; `few_shot`: for 10-100 images per class
+(data.limit_per_class, default 10): batch 16, 30 epochs (5 frozen), validation on 1% of train.
+
+Expected: not measured yet (accuracy and wall time to be filled in from measured runs).
+"""
+from jaxclf.config import default_config, parse_arg
+from jaxclf.models.pretrained import PRETRAINED
+
+WEIGHTS = PRETRAINED["efficientnet_lite0"]
+
+
+def lite0_finetune(c, size: int = 64, channels: int = 1) -> None:
+  """Lite0 + its ImageNet weights with their own preprocessing and the fine-tuning schedule."""
+  c.model.name = "efficientnet_lite0"
+  c.model.pretrained = "imagenet"
+  c.data.channels = channels
+  c.preprocessing.image_size = size
+  c.preprocessing.mean = (WEIGHTS.mean,) * channels
+  c.preprocessing.std = (WEIGHTS.std,) * channels
+  c.preprocessing.resize = WEIGHTS.resize
+  c.optimizer.name = "sgd"
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.weight_decay = 5e-5
+  c.optimizer.lr_mults = "backbone=0.1"
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_fraction = 0.05
+  c.train.label_smoothing = 0.1
+  c.train.freeze_backbone_epochs = 2
+  c.train.cache_frozen_features = True
+
+
+def get_config(arg: str | None = None):
+  a = parse_arg(arg, variant="", choices={"variant": ("", "few_shot")})
+  c = default_config()
+  c.name = "transfer_lite0"
+  lite0_finetune(c, 64)
+  c.preprocessing.crop_fraction = 1.0  # Fashion-MNIST objects fill the frame: no 87.5% crop
+  c.augment.translate = 4  # the +-2 px of the 28 px original, at 64 px
+  c.augment.hflip = True
+  c.train.batch_size = 128
+  c.train.num_epochs = 6
+  if a.variant == "few_shot":
+    c.name = "transfer_lite0_few_shot"
+    c.data.limit_per_class = 10
+    c.data.val_fraction = 0.01  # 600 images: validation costs more than 100 training images
+    c.train.batch_size = 16
+    c.train.num_epochs = 30
+    c.train.freeze_backbone_epochs = 5
+    c.periodic.log = "1 epochs"
+    c.periodic.checkpoint = "5 epochs"
+    c.evals.val.when = "5 epochs"
+  return c
