@@ -25,11 +25,25 @@ def _read(rel: str) -> str:
     return f.read()
 
 
-@pytest.mark.parametrize("target", ["cli", "openapi"])
+@pytest.mark.parametrize("target", ["cli", "openapi", "config"])
 def test_generated_reference_is_fresh(target):
   gen = _gen_docs()
   rel, render = gen.TARGETS[target]
   assert _read(rel) == render(), f"{rel} is stale: run .venv/bin/python scripts/gen_docs.py"
+
+
+def test_every_config_key_has_a_meaning_and_every_rule_a_key():
+  """The config reference's source: a one-line meaning at each key's definition in defaults.py,
+  and validate.py's ranges and choices naming only keys that exist."""
+  from jaxclf.config.reference import key_docs
+  from jaxclf.config.validate import CHOICES, RANGES
+  rows = key_docs()
+  assert len(rows) > 80
+  assert [r.key for r in rows if not r.meaning] == []
+  keys = {r.key for r in rows}
+  assert not (set(RANGES) | set(CHOICES)) - keys
+  page = _read("docs/config.md")
+  assert all(f"| `{k}` |" in page for k in keys)
 
 
 def test_staleness_check_names_a_stale_file(tmp_path, monkeypatch):

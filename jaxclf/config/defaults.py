@@ -7,25 +7,25 @@ import ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = "run"
-  c.seed = 0
+  c.name = "run"  # the run's name in run.json, runs list/compare and MLflow (the experiment)
+  c.seed = 0  # init, dropout, augmentation and data order; same seed + config = same run
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "fashion_mnist"  # 'fashion_mnist' | class-per-folder dir | ingested dataset dir/URL
   c.data.val_fraction = 0.1  # carved from train (stratified) when the source has no val split
   c.data.test_fraction = 0.1  # used only when the source has no test split
-  c.data.split_seed = 0
-  c.data.channels = 1
+  c.data.split_seed = 0  # draws the val/test carve-outs and limit_per_class subsets
+  c.data.channels = 1  # 1 = grey, 3 = RGB: images are converted to this on decode
   c.data.max_pixels = 64_000_000  # decompression-bomb guard for encoded sources
   c.data.limit_per_split = 0  # 0 = all; >0 keeps the first N of each split (smoke tests)
   # >0: a stratified subset of the train split, N images of every class, drawn with
   # data.split_seed (few-shot and data-efficiency runs); val and test are untouched. A class with
   # fewer than N train images is an error that names it.
   c.data.limit_per_class = 0
-  c.data.cache_dir = ""
+  c.data.cache_dir = ""  # downloaded sources kept here; "" = $JAXCLF_CACHE, else ~/.cache/jaxclf
   c.data.sampler = "shuffle"  # 'shuffle' | 'balanced' (class-balanced sampling with replacement)
   c.data.read_threads = 2  # Grain read threads; 0 = in the training thread
-  c.data.prefetch_batches = 8
+  c.data.prefetch_batches = 8  # Grain batches prepared ahead of the training step
   c.data.worker_processes = 0  # Grain mp_prefetch workers; threads beat processes on 2 cores
   # 'auto': datasets whose decoded pixels are in memory at the model's input size (Fashion-MNIST,
   # small folders) are batched by index and augmented inside the jitted step
@@ -33,25 +33,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.on_device = "auto"  # auto | true | false
 
   c.preprocessing = ml_collections.ConfigDict()
-  c.preprocessing.image_size = 28
-  c.preprocessing.mean = (0.2860,)
-  c.preprocessing.std = (0.3530,)
-  c.preprocessing.resize = "bilinear"
+  c.preprocessing.image_size = 28  # model input side in px (resized to it; serving does the same)
+  c.preprocessing.mean = (0.2860,)  # per-channel mean on the 0-1 scale, subtracted before the model
+  c.preprocessing.std = (0.3530,)  # per-channel std on the 0-1 scale, divided after the mean
+  c.preprocessing.resize = "bilinear"  # the resampling filter of every resize
+  # Eval: resize the shorter side to image_size / crop_fraction, then centre-crop image_size.
   c.preprocessing.crop_fraction = 1.0
 
   c.augment = ml_collections.ConfigDict()
-  c.augment.translate = 2
-  c.augment.random_resized_crop = False
-  c.augment.crop_scale = (0.35, 1.0)
-  c.augment.hflip = True
-  c.augment.vflip = False
-  c.augment.rotation = 0.0
-  c.augment.brightness = 0.0
-  c.augment.contrast = 0.0
-  c.augment.saturation = 0.0
+  c.augment.translate = 2  # max px of random shift (edge padding, random crop back); 0 = off
+  c.augment.random_resized_crop = False  # Inception-style crop of crop_scale of the area, resized
+  c.augment.crop_scale = (0.35, 1.0)  # random_resized_crop: the range of the kept area fraction
+  c.augment.hflip = True  # random left-right flips
+  c.augment.vflip = False  # random up-down flips
+  c.augment.rotation = 0.0  # max degrees of random rotation either way; 0 = off
+  c.augment.brightness = 0.0  # pixels times a factor in 1 +- x; 0 = off
+  c.augment.contrast = 0.0  # distance from the mean times a factor in 1 +- x; 0 = off
+  c.augment.saturation = 0.0  # RGB only: distance from grey times a factor in 1 +- x; 0 = off
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "cnn"
+  c.model.name = "cnn"  # a name from the model registry (jaxclf/models/registry.py)
   c.model.kwargs = ml_collections.ConfigDict()  # passed to the model constructor
   # '' | 'imagenet' (models that ship weights) | a `jaxclf weights convert` .npz | a run dir
   c.model.pretrained = ""
@@ -68,11 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # sgd | adam | adamw
   c.optimizer.learning_rate = 0.2  # peak learning rate of the schedule
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
+  c.optimizer.momentum = 0.9  # sgd: momentum coefficient (0 = plain SGD)
+  c.optimizer.nesterov = True  # sgd: Nesterov momentum
+  c.optimizer.b1 = 0.9  # adam/adamw: decay of the first-moment estimate
+  c.optimizer.b2 = 0.999  # adam/adamw: decay of the second-moment estimate
+  c.optimizer.eps = 1e-8  # adam/adamw: added to the denominator for stability
   c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2 on kernels otherwise; never on BN/bias
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
   # Fine-tuning: learning-rate multipliers per param group (jaxclf/models/param_groups.py: head =
@@ -90,15 +91,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule.step_epochs = (30, 60)  # step: multiply by decay_rate at these epochs
   c.schedule.decay_rate = 0.1  # step / exponential (per epoch)
   c.schedule.plateau_patience = 2  # plateau: epochs without val improvement before cutting lr
-  c.schedule.plateau_factor = 0.5
+  c.schedule.plateau_factor = 0.5  # plateau: the lr is multiplied by this at each cut
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 256
-  c.train.num_epochs = 10
-  c.train.label_smoothing = 0.1
+  c.train.batch_size = 256  # global batch (all devices and processes together)
+  c.train.num_epochs = 10  # passes over the train split
+  c.train.label_smoothing = 0.1  # mass moved from the true class to all classes in the loss
   c.train.class_weights = "none"  # none | balanced
   c.train.keep_checkpoints = 2  # latest N (the best-by-val one is kept separately)
-  c.train.eval_batch_size = 1000
+  c.train.eval_batch_size = 1000  # batch of the evaluators (no gradients: can be larger)
   # Also report the flip-TTA test accuracy, as metrics.test_tta (switches evals.test_tta). Off:
   # the served model is single view, so the headline figures are too; TTA doubles inference cost.
   c.train.tta_flip = False
@@ -107,7 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
   # so served confidences are calibrated.
   c.train.calibrate = True
   c.train.max_steps = 0  # 0 = num_epochs worth; >0 stops early (smoke tests, resume tests)
-  c.train.progress_bar = True
+  c.train.progress_bar = True  # a progress line on stderr (process 0 only)
   # K >= 1: each step splits its batch into K micro-batches inside the jitted step and applies
   # their mean gradient once (the update of one K x larger batch at one micro-batch's memory);
   # train.batch_size must be divisible by K x the global device count.
@@ -139,15 +140,19 @@ def default_config() -> ml_collections.ConfigDict:
   # best-by-validation checkpoint), and the type's own fields. The entry named by
   # early_stopping.metric ("val") selects the best checkpoint and writes run.json's history.
   c.evals = ml_collections.ConfigDict()
+  # The validation pass each epoch: selects the best checkpoint, feeds early stopping and sweeps.
   c.evals.val = ml_collections.ConfigDict(
       {"type": "classification", "split": "val", "when": "1 epochs", "tta_flip": False,
        "enabled": True})
+  # The test split once at the end, single view: the headline figures (the served model's).
   c.evals.test = ml_collections.ConfigDict(
       {"type": "classification", "split": "test", "when": "end", "tta_flip": False,
        "enabled": True})
+  # The flip-TTA test accuracy (metrics.test_tta), on when train.tta_flip is.
   c.evals.test_tta = ml_collections.ConfigDict(
       {"type": "classification", "split": "test", "when": "end", "tta_flip": True,
        "enabled": c.train.get_ref("tta_flip")})
+  # Temperature scaling fitted on val, ECE reported on test; on when train.calibrate is.
   c.evals.calibration = ml_collections.ConfigDict(
       {"type": "calibration", "split": "val", "report_split": "test", "when": "end",
        "enabled": c.train.get_ref("calibrate")})
@@ -155,7 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.early_stopping = ml_collections.ConfigDict()
   c.early_stopping.metric = "val_accuracy"  # val_accuracy | val_loss
   c.early_stopping.patience = 0  # epochs; 0 = off
-  c.early_stopping.min_delta = 0.0
+  c.early_stopping.min_delta = 0.0  # the least change of the metric that counts as an improvement
 
   # Multi-process training on jax.distributed (jaxclf/train/distributed.py). Every process runs
   # the same command; only process_id differs. Env: JAXCLF_DISTRIBUTED__COORDINATOR=... (the JobSet).
