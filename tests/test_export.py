@@ -373,3 +373,28 @@ def test_export_cli_from_a_training_run(tmp_path, capsys):
   shown = Registry(str(tmp_path / "registry")).show("fashion", 1)
   assert shown["metrics"]["test"] == run_json["metrics"]["test"]
   assert shown["dataset_version"] == run_json["dataset"]["version"]
+
+
+def test_depthwise_convs_export_as_grouped_convs_while_training_uses_taps():
+  """Lite0's depthwise convs train as k*k multiply-adds on CPU (efficientnet.depthwise_taps), but
+  the ONNX graph keeps one grouped Conv per layer, which onnxruntime runs natively; the graph
+  still gives the JAX logits."""
+  import jax
+  import jax.numpy as jnp
+  import onnxruntime as ort
+
+  from jaxclf.export.onnx import convert_to_onnx
+  from jaxclf.models import efficientnet
+  from jaxclf.models.registry import create_model
+  model = create_model("efficientnet_tiny", 10)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), jnp.asarray(x), train=False)
+  forward = lambda inp: model.apply(variables, inp, train=False)
+  assert efficientnet.DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu"  # taps here
+  proto = convert_to_onnx(forward, (32, 32, 1))
+  grouped = [n for n in proto.graph.node if n.op_type == "Conv"
+             and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+  assert grouped, "the depthwise convs were exported as taps"
+  session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+  got = session.run(None, {session.get_inputs()[0].name: x})[0]
+  np.testing.assert_allclose(got, np.asarray(forward(jnp.asarray(x))), rtol=1e-4, atol=1e-4)

@@ -122,9 +122,11 @@ def convert_to_onnx(apply_fn: Callable[[Any], Any], input_shape: Sequence[int], 
   """`apply_fn(x_nhwc_float32) -> logits`, params closed over -> onnx.ModelProto with a dynamic
   batch dimension and the documented `images` / `logits` names."""
   from jax2onnx import to_onnx
+
+  from jaxclf.models.efficientnet import depthwise_impl
   h, w, c = (int(d) for d in input_shape)
   ctx = jax2onnx_workarounds() if workarounds else contextlib.nullcontext()
-  with ctx:
+  with ctx, depthwise_impl("xla"):
     proto = to_onnx(apply_fn, inputs=[("B", h, w, c)], model_name=model_name,
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
   _ensure_io_names(proto)

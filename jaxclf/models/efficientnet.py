@@ -18,10 +18,11 @@ Stochastic depth and dropout draw from the 'dropout' rng collection, like every 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,6 +80,19 @@ def round_repeats(repeats: int, depth: float) -> int:
 # 'auto': taps on CPU, XLA's grouped convolution elsewhere; 'taps' | 'xla' force one (read at
 # trace time; bench/lite0_step.py times both in one run).
 DEPTHWISE_IMPL = "auto"
+
+
+@contextlib.contextmanager
+def depthwise_impl(impl: str) -> Iterator[None]:
+  """Traces DepthwiseConv with `impl` ("auto" | "taps" | "xla") inside the block. ONNX export uses
+  "xla": the graph then holds one grouped conv per layer, which onnxruntime runs natively, rather
+  than k*k multiply-adds (the taps are a lever for XLA CPU's training step only)."""
+  global DEPTHWISE_IMPL
+  saved, DEPTHWISE_IMPL = DEPTHWISE_IMPL, impl
+  try:
+    yield
+  finally:
+    DEPTHWISE_IMPL = saved
 
 
 def _same_pads(n: int, k: int, s: int) -> tuple[int, int]:
