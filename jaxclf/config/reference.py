@@ -10,6 +10,7 @@ docs/config.md; tests/test_docs.py fails when a key has no meaning or the page i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import re
@@ -34,6 +35,7 @@ class KeyDoc:
   meaning: str
 
 
+@functools.lru_cache(maxsize=None)  # defaults.py's source does not change within a process
 def source_comments() -> dict[str, str]:
   """dotted key (or section) -> its meaning, from the comments around its assignment."""
   source = inspect.getsource(defaults)
