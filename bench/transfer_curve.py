@@ -59,11 +59,14 @@ def arm_config(arm: str, per_class: int, seed: int, epochs: int, size: int, smok
   if arm == "cnn":
     path, over = f"{ROOT}/configs/cnn.py", list(common)
   else:
-    path = f"{ROOT}/configs/transfer.py"
+    path = f"{ROOT}/configs/transfer.py:full"
     over = [*common, f"preprocessing.image_size={size}", f"augment.translate={max(1, size // 16)}"]
     if arm == "scratch":
+      # Everything of the fine-tuning recipe that needs pretrained weights goes, and the rate is
+      # the optimizer's from-scratch 0.05 (fine-tuning's 0.01 is deliberately lower).
       over += ["model.pretrained=", "train.freeze_backbone_epochs=0",
-               "train.cache_frozen_features=false", "optimizer.lr_mults="]
+               "train.cache_frozen_features=false", "optimizer.lr_mults=",
+               "train.freeze_batchnorm=false", "optimizer.learning_rate=0.05"]
     elif smoke:
       over += ["train.freeze_backbone_epochs=1"]
   c = load_config(path, environ={}, overrides=over)
@@ -147,6 +150,33 @@ def plot(points: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def reusable_run(reuse_dir: str, name: str, config) -> str:
+  """reuse_dir/name when the run there finished with exactly `config`, else "". config.json is
+  compared key by key; a key that is new since that run counts as the same when it is at its
+  default (it did not exist, so the run had the default behaviour)."""
+  from jaxclf.config import default_config
+  run_dir = os.path.join(reuse_dir, name) if reuse_dir else ""
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      saved = json.load(f)
+    with open(os.path.join(run_dir, "run.json")) as f:
+      status = json.load(f).get("status")
+  except (OSError, ValueError):
+    return ""
+  now, defaults = (_flat(json.loads(json.dumps(c.to_dict(), default=list)))
+                   for c in (config, default_config()))
+  then = _flat(saved)
+  same = all(then[k] == v if k in then else v == defaults.get(k) for k, v in now.items())
+  return run_dir if same and set(then) <= set(now) and status == "completed" else ""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
 def plan(smoke: bool, arms, sizes) -> list[tuple[str, int, int]]:
   runs = []
   for size in sizes:
@@ -166,6 +196,9 @@ def main():
   p.add_argument("--test-per-class", type=int, default=200)
   p.add_argument("--headline", action="store_true",
                  help="also evaluate the pretrained 2,000-image model on the full 10k test set")
+  p.add_argument("--reuse", default="",
+                 help="a previous --workdir: a point whose run there finished with exactly this "
+                      "point's config is evaluated from it, not trained again")
   p.add_argument("--smoke", action="store_true",
                  help="wiring check: 20 images, 1 seed, 2 epochs at 32 px, 100 test images")
   a = p.parse_args()
@@ -177,10 +210,17 @@ def main():
   for arm, size, seed in plan(a.smoke, a.arms.split(","), [int(s) for s in a.sizes.split(",")]):
     config = arm_config(arm, size // 10, seed, a.epochs, a.size, a.smoke)
     run_dir = os.path.join(a.workdir, f"{arm}_{size}_s{seed}")
-    t0 = time.time()
-    record = train_and_evaluate(config, run_dir)
-    train_s = time.time() - t0
-    point = {"arm": arm, "size": size, "seed": seed, "run_dir": run_dir,
+    reused = reusable_run(a.reuse, os.path.basename(run_dir), config)
+    if reused:
+      run_dir = reused
+      with open(os.path.join(run_dir, "run.json")) as f:
+        record = json.load(f)
+      train_s = record["duration_s"]
+    else:
+      t0 = time.time()
+      record = train_and_evaluate(config, run_dir)
+      train_s = time.time() - t0
+    point = {"arm": arm, "size": size, "seed": seed, "run_dir": run_dir, "reused": bool(reused),
              "train_wall_s": round(train_s, 1), "model": config.model.name,
              "image_size": int(config.preprocessing.image_size),
              "epochs": int(config.train.num_epochs), "batch": int(config.train.batch_size),

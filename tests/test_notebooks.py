@@ -46,8 +46,9 @@ def errors(nb) -> list[str]:
 
 
 def test_notebooks_are_committed_without_outputs_and_have_a_quick_parameter():
-  assert ALL[:5] == ["01_dataset_exploration.ipynb", "02_augmentation_preview.ipynb",
-                     "03_training_curves.ipynb", "04_error_analysis.ipynb", "05_rest_api.ipynb"]
+  assert ALL == ["01_dataset_exploration.ipynb", "02_augmentation_preview.ipynb",
+                 "03_training_curves.ipynb", "04_error_analysis.ipynb", "05_rest_api.ipynb",
+                 "06_transfer_learning.ipynb"]
   for name in ALL:
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     nbformat.validate(nb)

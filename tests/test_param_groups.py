@@ -126,3 +126,22 @@ def test_bad_fine_tuning_settings_name_the_field():
   with pytest.raises(ConfigError, match="optimizer.layer_decay: model 'cnn_tiny'"):
     validate(config(layer_decay=0.8))
   validate(config("resnet18", layer_decay=0.8, lr_mults="backbone=0.1"))
+
+
+def test_freeze_batchnorm_keeps_the_running_statistics_while_everything_trains():
+  """train.freeze_batchnorm: the ordinary (unfrozen) step normalises with the running statistics
+  and leaves them bit-identical, while every kernel trains; without it the statistics move."""
+  shape = (16, 16, 3)
+  s0 = state_for(config("resnet_tiny"), shape)
+  args = dict(lr_fn=lambda s: 0.1, label_smoothing=0.0, class_weights=jnp.ones(10),
+              dropout_key=jax.random.key(1))
+  b = batch(0, shape)
+  frozen_bn = jax.jit(partial(steps.train_step, **args, freeze_batchnorm=True))(s0, b)[0]
+  ordinary = jax.jit(partial(steps.train_step, **args))(s0, b)[0]
+  stats0, stats_f, stats_o = (jax.tree.leaves(s.batch_stats) for s in (s0, frozen_bn, ordinary))
+  assert stats0 and all(np.array_equal(a, b) for a, b in zip(stats0, stats_f))
+  assert all(not np.array_equal(a, b) for a, b in zip(stats0, stats_o))
+  kernels = [(p, a, b) for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(s0.params)[0],
+                                            jax.tree.leaves(frozen_bn.params))
+             if jax.tree_util.keystr(p).endswith("['kernel']")]
+  assert kernels and all(not np.array_equal(a, b) for _, a, b in kernels)

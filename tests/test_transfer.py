@@ -214,3 +214,24 @@ def test_depthwise_taps_equal_the_grouped_convolution(n, k, stride):
   flax_conv = nn.Conv(6, (k, k), stride, "SAME", feature_group_count=6, use_bias=False).init(
       jax.random.key(0), x)["params"]["kernel"]
   assert mine.shape == flax_conv.shape == (k, k, 1, 6)
+
+
+@pytest.mark.parametrize("variant,per_class", [("", 200), ("few_shot", 10)])
+def test_transfer_configs_are_the_curves_measured_points(variant, per_class, monkeypatch):
+  """configs/transfer.py (2,000 images) and :few_shot (100) are the pretrained arm of
+  bench/transfer_curve.py at those sizes, so their docstring's measured figures are theirs."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+  import transfer_curve  # noqa: PLC0415
+  bench = flat_config(transfer_curve.arm_config("pretrained", per_class, 0, 12, 64, False))
+  config = flat_config(load_config(f"{ROOT}/configs/transfer.py:{variant}", environ={}))
+  run_only = ("seed", "data.split_seed", "train.calibrate", "evals.test.enabled",
+              "train.progress_bar", "evals.calibration.enabled")  # bookkeeping, not the recipe
+  diff = {k: (config.get(k), v) for k, v in bench.items()
+          if k not in run_only and k != "name" and config.get(k) != v}
+  assert not diff, diff
+  assert config["train.freeze_batchnorm"] and config["train.freeze_backbone_epochs"] == 2
+
+
+def flat_config(c):
+  return {"/".join(k).replace("/", "."): v
+          for k, v in traverse_util.flatten_dict(c.to_dict()).items()}

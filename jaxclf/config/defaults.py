@@ -122,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
   # features are of the UN-augmented image (eval preprocessing); augmentation applies only after
   # unfreezing. Needs a model whose head is one Dense layer.
   c.train.cache_frozen_features = False
+  # The forward pass stays in inference mode for the whole run: BatchNorm normalises with and
+  # keeps its (pretrained) running statistics; dropout and stochastic depth, tied to the same
+  # flag, are off. For fine-tuning on little data, where a small batch's statistics differ from
+  # the weights' own and switching to them at unfreezing wrecks the features (Keras's advice).
+  c.train.freeze_batchnorm = False
 
   # When the loop's periodic actions fire (jaxclf/train/actions.py), one rule for all
   # (jaxclf/config/periodic.py, big_vision's u.steps/u.itstime): "<N> steps", "<N> epochs",

@@ -25,10 +25,17 @@ from jaxclf.config.validate import ConfigError, check_known_key, coerce, validat
 ENV_PREFIX = "JAXCLF_"
 
 
-def _load_py(path: str, arg: str | None) -> ml_collections.ConfigDict:
+def config_module(path: str):
+  """The Python config file at `path` as a module (config files are loaded by path, not from a
+  package, so one config reuses another's recipe functions through this)."""
   spec = importlib.util.spec_from_file_location(f"_jaxclf_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def _load_py(path: str, arg: str | None) -> ml_collections.ConfigDict:
+  module = config_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path}: a config file must define get_config(arg=None)")
   try:  # config files parse `arg` with jaxclf.config.args.parse_arg

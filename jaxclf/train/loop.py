@@ -93,7 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                            dataset.num_classes,
                                                            config.train.class_weights)),
                    dropout_key=dropout_key, grad_accum_steps=int(config.train.grad_accum_steps),
-                   freeze_backbone_steps=finetune.frozen_steps(config, steps_per_epoch))
+                   freeze_backbone_steps=finetune.frozen_steps(config, steps_per_epoch),
+                   freeze_batchnorm=bool(config.train.freeze_batchnorm))
   jit_step = partial(jax.jit, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
                      donate_argnums=(0,))
   train_step = jit_step(partial(steps.train_step, **step_args,

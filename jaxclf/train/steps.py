@@ -33,7 +33,7 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
 
 def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
                prepare=None, grad_accum_steps=1, freeze_backbone_steps=0,
-               frozen_backbone=None, head_forward=None):
+               frozen_backbone=None, head_forward=None, freeze_batchnorm=False):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
   draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
   batch into model input inside the step (on-device augmentation and normalisation).
@@ -50,7 +50,10 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   tree with True on every backbone leaf: the model runs in inference mode (BatchNorm running
   statistics, kept unchanged; no dropout or stochastic depth) and the backbone's gradients are
   zeros, so XLA drops the backward pass through it. With `head_forward(params, features)` the
-  batch holds cached backbone features instead of images (train.cache_frozen_features)."""
+  batch holds cached backbone features instead of images (train.cache_frozen_features).
+  `freeze_batchnorm` (train.freeze_batchnorm) runs the ordinary step's forward in inference
+  mode too: BatchNorm normalises with its running statistics and keeps them; the models tie
+  dropout and stochastic depth to the same flag, so those are off as well."""
   num_classes = class_weights.shape[0]
   loss_scale = state.loss_scale
   rng = jax.random.fold_in(dropout_key, state.step)
@@ -65,8 +68,8 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
       updates = {}
     else:
       logits, updates = state.apply_fn(
-          {"params": params, "batch_stats": batch_stats}, micro["image"], train=True,
-          mutable=["batch_stats"], rngs={"dropout": key})
+          {"params": params, "batch_stats": batch_stats}, micro["image"],
+          train=not freeze_batchnorm, mutable=["batch_stats"], rngs={"dropout": key})
     loss = cross_entropy(logits, micro["label"], num_classes, label_smoothing, class_weights)
     loss = loss.mean()
     scaled = loss_scale.scale_loss(loss) if loss_scale is not None else loss
