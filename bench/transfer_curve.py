@@ -116,8 +116,10 @@ def summarise(points: list[dict]) -> dict:
     if size in out.get("scratch", {}):
       pre, scr = out["pretrained"][size], out["scratch"][size]
       m = pre["mean"] - scr["mean"]
-      margins[size] = {"margin": round(m, 4), "larger_than_spread":
-                       bool(m > max(pre["spread"], scr["spread"]))}
+      # One seed has no spread to beat: None, not a vacuous True.
+      beats = bool(m > max(pre["spread"], scr["spread"])) \
+          if min(pre["seeds"], scr["seeds"]) > 1 else None
+      margins[size] = {"margin": round(m, 4), "larger_than_spread": beats}
   return {"by_arm": out, "pretrained_minus_scratch": margins}
 
 
@@ -225,7 +227,7 @@ def main():
              "image_size": int(config.preprocessing.image_size),
              "epochs": int(config.train.num_epochs), "batch": int(config.train.batch_size),
              "frozen_epochs": int(config.train.freeze_backbone_epochs),
-             "feature_cache": record.get("feature_cache"),
+             "feature_cache": record.get("feature_cache"), "git": record.get("git"),
              "test": evaluate(run_dir, x, y)}
     if a.headline and arm == "pretrained" and size == max(int(s) for s in a.sizes.split(",")):
       from jaxclf.data.sources.fashion_mnist import load_arrays
