@@ -19,8 +19,8 @@ The Lite0 variants use configs/transfer.py's fine-tuning recipe (2 frozen epochs
 features, then everything with the backbone at 0.1x and BatchNorm on its ImageNet statistics); the
 default here is configs/transfer.py:full at its own +-2 px shifts.
 Expected: the recipe is measured in configs/transfer.py (its docstring and docs/transfer_curve.json:
-2,000 and 100 images). On all 60,000 images this default is not measured here: 6 x 60,000 images
-through Lite0 at 64 px is ~3-4 hours on this 2-core CPU at bench/lite0_step.py's rate; b0 neither.
+2,000 and 100 images). On all 60,000 images this default is not measured here (~2 hours
+estimated, as configs/transfer.py:full); b0 neither.
 """
 import os
 

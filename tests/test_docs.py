@@ -168,3 +168,13 @@ def test_api_reference_of_every_public_module_builds(tmp_path):
   pages = gen.build_api(str(tmp_path))
   for module in gen.API_MODULES:
     assert module.replace(".", "/") + ".html" in pages, module
+
+
+def test_getting_started_walkthrough_script_runs_every_command_of_the_page():
+  """scripts/getting_started.sh (which measured the page's wall times) runs each step's command
+  as the page writes it: the table and the script cannot drift apart."""
+  rows = re.findall(r"^\| (\d) \| [^|]+ \| `([^`]+)` \|", _read("docs/getting_started.md"), re.M)
+  assert [n for n, _ in rows] == [str(i) for i in range(1, 9)]
+  script = _read("scripts/getting_started.sh").replace('\\"', '"').replace("$PORT", "8000")
+  for n, command in rows[1:]:  # step 1 clones <repo-url>: the script clones its argument
+    assert command in script or command.replace("curl ", "curl -sS ") in script, (n, command)
