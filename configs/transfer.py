@@ -1,9 +1,10 @@
 """Transfer learning: EfficientNet-Lite0's ImageNet weights fine-tuned on Fashion-MNIST.
 
 Commands:
-  python -m jaxclf.main --config=configs/transfer.py --workdir=runs/tl
+  python -m jaxclf.main --config=configs/transfer.py --workdir=runs/tl            # 2,000 images
   python -m jaxclf.main --config=configs/transfer.py:few_shot --workdir=runs/tl100 \
-      --config.data.limit_per_class=10
+      --config.data.limit_per_class=10                                            # 100 images
+  python -m jaxclf.main --config=configs/transfer.py:full --workdir=runs/tl_full  # 60,000
   python bench/transfer_curve.py --out docs/transfer_curve      # the data-efficiency curve
 
 The recipe (jaxclf/train/finetune.py, jaxclf/train/optimizers.py):

@@ -131,8 +131,8 @@ def test_bad_fine_tuning_settings_name_the_field():
 def test_freeze_batchnorm_keeps_the_running_statistics_while_everything_trains():
   """train.freeze_batchnorm: the ordinary (unfrozen) step normalises with the running statistics
   and leaves them bit-identical, while every kernel trains; without it the statistics move."""
-  shape = (16, 16, 3)
-  s0 = state_for(config("resnet_tiny"), shape)
+  shape = (16, 16, 1)
+  s0 = state_for(config("cnn_tiny"), shape)  # BatchNorm after each conv
   args = dict(lr_fn=lambda s: 0.1, label_smoothing=0.0, class_weights=jnp.ones(10),
               dropout_key=jax.random.key(1))
   b = batch(0, shape)
