@@ -160,6 +160,7 @@ def reusable_run(reuse_dir: str, name: str, config) -> str:
   """reuse_dir/name when the run there finished with exactly `config`, else "". config.json is
   compared key by key; a key that is new since that run counts as the same when it is at its
   default (it did not exist, so the run had the default behaviour)."""
+  from flax.traverse_util import flatten_dict
   from jaxclf.config import default_config
   run_dir = os.path.join(reuse_dir, name) if reuse_dir else ""
   try:
@@ -169,18 +170,11 @@ def reusable_run(reuse_dir: str, name: str, config) -> str:
       status = json.load(f).get("status")
   except (OSError, ValueError):
     return ""
-  now, defaults = (_flat(json.loads(json.dumps(c.to_dict(), default=list)))
+  now, defaults = (flatten_dict(json.loads(json.dumps(c.to_dict(), default=list)), sep=".")
                    for c in (config, default_config()))
-  then = _flat(saved)
+  then = flatten_dict(saved, sep=".")
   same = all(then[k] == v if k in then else v == defaults.get(k) for k, v in now.items())
   return run_dir if same and set(then) <= set(now) and status == "completed" else ""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
 
 
 def plan(smoke: bool, arms, sizes) -> list[tuple[str, int, int]]:

@@ -233,5 +233,4 @@ def test_transfer_configs_are_the_curves_measured_points(variant, per_class, mon
 
 
 def flat_config(c):
-  return {"/".join(k).replace("/", "."): v
-          for k, v in traverse_util.flatten_dict(c.to_dict()).items()}
+  return traverse_util.flatten_dict(c.to_dict(), sep=".")
