@@ -5,7 +5,8 @@
 #   - .venv/ at the repo root: the training/evaluation/export environment (numpy 2), exact pins
 #     from requirements/lock.txt, and jaxclf itself (editable), with its oneDNN convolution
 #     extension (jaxclf/ops/onednn_*.cc -> _onednn_conv*.so: conv, BatchNorm, max pool; built by setup.py against the
-#     onednn-*-cpu-gomp wheels; jaxclf falls back to XLA's conv if it cannot be built);
+#     onednn-*-cpu-gomp wheels; setup fails if it does not build where g++ is present, and
+#     without a compiler jaxclf falls back to XLA's conv);
 #   - with --serving: .venv-serve/, Triton's environment (numpy<2), via scripts/setup_serving_env.sh;
 #   - with --bench: torch 2.13.0 CPU in .venv, for the side-by-side baselines in bench/ only.
 # Idempotent: rerunning only installs what is missing.
@@ -54,7 +55,18 @@ if [ ! -f "$stamp" ]; then
   # --no-build-isolation: setup.py builds the extension against this venv's jaxlib and oneDNN.
   $PIP install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import jax, flax, grain, orbax.checkpoint, jaxclf" || { echo "setup.sh: install failed" >&2; exit 1; }
-  .venv/bin/python -c "from jaxclf.ops import onednn as o; print('== oneDNN conv:', 'built' if o.available() else 'NOT available (' + str(o.load_error()) + '), using XLA conv')"
+  # With a C++ compiler the extension must build and load: a failure is a broken install (the
+  # tests and the fast train step need it), not a fallback. Checked with JAXCLF_ONEDNN unset, so a
+  # caller's opt-out does not hide a broken build. Without g++ jaxclf uses XLA's conv.
+  onednn_error=$(env -u JAXCLF_ONEDNN .venv/bin/python -c "from jaxclf.ops import onednn as o; print('' if o.available() else o.load_error())")
+  if [ -z "$onednn_error" ]; then
+    echo "== oneDNN conv: built"
+  elif command -v g++ >/dev/null; then
+    echo "setup.sh: the oneDNN extension did not build/load although g++ is present: $onednn_error" >&2
+    exit 1
+  else
+    echo "== oneDNN conv: NOT available (no g++: $onednn_error), using XLA conv"
+  fi
   touch "$stamp"
 fi
 if [ "$SERVING" = 1 ]; then

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -169,8 +168,8 @@ def test_a_coordinator_port_in_use_is_one_clear_error():
 def test_a_killed_coordinator_ends_the_job_with_one_line_naming_it(worker):
   """Process 0 (the coordinator) killed; losing process 1 is the trainer test's case
   (tests/test_distributed_trainer.py)."""
-  lost = 0
-  settings = two(worker, heartbeat_timeout_s=5)
+  lost, heartbeat_s = 0, 5
+  settings = two(worker, heartbeat_timeout_s=heartbeat_s)
   procs = [start(worker, s, mode="hang") for s in settings]
   try:
     for p in procs:  # both are stepping together before the kill
@@ -178,13 +177,14 @@ def test_a_killed_coordinator_ends_the_job_with_one_line_naming_it(worker):
         assert p.poll() is None, p.stderr.read()[-3000:]
     procs[lost].send_signal(signal.SIGKILL)
     survivor = procs[1 - lost]
-    t0 = time.monotonic()
-    _, err = survivor.communicate(timeout=60)
-    waited = time.monotonic() - t0
+    # The event: the survivor ends by itself (in "hang" mode it would step for hours otherwise).
+    # The bound is only on waiting for it: 24 heartbeat timeouts, which no loaded machine
+    # reaches by accident.
+    _, err = survivor.communicate(timeout=24 * heartbeat_s)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert survivor.returncode != 0 and waited < 5 + 20, (survivor.returncode, waited)
+  assert survivor.returncode != 0, survivor.returncode
   why = dist.explain_failure(err, dist.Settings.from_config(settings[1 - lost]))
   assert why is not None and "lost the coordinator (process 0" in why, err[-3000:]

@@ -121,12 +121,12 @@ def test_the_key_is_checked_before_the_body_is_read(guarded):
   for path, extra in (("/v1/predict/json", b"Content-Type: application/json\r\n"),
                       ("/v1/admin/reload", b"Content-Type: application/json\r\n"
                                            b"Authorization: Bearer wrong\r\n")):
-    with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as sock:
+    # The event is the status, not a time: a server that read the body first would answer 408
+    # after its request_timeout_s (10 s), which the 60 s socket timeout lets arrive and fail.
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=60) as sock:
       sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode() + extra
                    + b"Content-Length: 1000000\r\n\r\n{\"images\": [")
-      t0 = time.monotonic()
       head, body = _read_response(sock)
-      assert time.monotonic() - t0 < 2, path
     assert head.startswith(b"HTTP/1.1 401") and b"unauthorized" in body, (path, head, body)
 
 

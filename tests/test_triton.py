@@ -220,6 +220,26 @@ def _traffic(served, stop):
   return procs
 
 
+def _wait_for_answers(procs, since: float, n: int = 3, timeout_s: float = 120.0) -> None:
+  """Until every traffic client has logged n answers to requests sent after `since` (time.time);
+  the timeout only bounds the wait, generously."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    counts = []
+    for p, log in procs:
+      assert p.poll() is None, p.stderr.read()[-2000:]
+      try:
+        with open(log) as f:  # only whole lines: the client may be mid-write
+          rows = [json.loads(line) for line in f if line.endswith("\n")]
+      except FileNotFoundError:
+        rows = []
+      counts.append(sum(r["t0"] > since for r in rows))
+    if min(counts) >= n:
+      return
+    assert time.monotonic() < deadline, f"answers after {since}: {counts}"
+    time.sleep(0.05)
+
+
 def _collect(procs):
   rows = []
   for p, log in procs:
@@ -241,18 +261,20 @@ def test_promote_and_rollback_switch_the_served_version_live(served):
   stop = str(served["tmp"] / "stop-traffic")
   procs = _traffic(served, stop)
   try:
-    time.sleep(1.5)
+    # Each window lasts until both clients have answers in it (not a fixed time: on a loaded
+    # machine a client can take longer than any sleep to start).
+    _wait_for_answers(procs, since=0.0)
     promote_started = time.time()
     registry.promote("fashion", 2, "production", reason="v2 is better")
     out = sync_serving(registry, "fashion", served["repo"], triton_url=s.http_url)
     switched_to_2 = time.time()
     assert out["version"] == 2 and out["previous"] == 1
-    time.sleep(1.5)
+    _wait_for_answers(procs, since=switched_to_2)
     rollback_started = time.time()
     registry.rollback("fashion", reason="v2 regressed")
     sync_serving(registry, "fashion", served["repo"], triton_url=s.http_url)
     switched_to_1 = time.time()
-    time.sleep(1.0)
+    _wait_for_answers(procs, since=switched_to_1)
   finally:
     open(stop, "w").close()
   rows = _collect(procs)

@@ -57,7 +57,7 @@ def write_safetensors(path, header: dict, data: bytes, header_len: int | None = 
 
 @pytest.fixture(scope="module")
 def resnet18_file(tmp_path_factory):
-  st = pytest.importorskip("safetensors.numpy")
+  import safetensors.numpy as st  # installed by the test command: missing = a broken install
   path = tmp_path_factory.mktemp("w") / "resnet18.safetensors"
   st.save_file(layout_state("resnet18"), str(path))
   return str(path)
@@ -213,8 +213,9 @@ def test_malicious_pickles_are_refused_not_run(tmp_path, capsys, command):
 
 
 def _torch_files(tmp_path):
-  torch = pytest.importorskip("torch")
-  st = pytest.importorskip("safetensors.torch")
+  # Imported here (torch is slow to import), not skipped: scripts/test.sh installs both.
+  import safetensors.torch as st
+  import torch
   state = {"conv.weight": torch.randn(64, 3, 7, 7), "bn.running_var": torch.rand(64),
            "bn.num_batches_tracked": torch.tensor(5), "half": torch.randn(8, 4).half(),
            "bf16": torch.randn(5).bfloat16()}
@@ -235,7 +236,7 @@ def test_inspect_lists_names_shapes_dtypes_in_every_format(tmp_path, capsys):
     assert {t["name"]: (t["shape"], t["dtype"]) for t in info["tensors"]} == want, fmt
   rc, out, _ = run_cli(capsys, "weights", "inspect", files["torch-zip"])
   assert rc == 0 and "5 tensors" in out and "conv.weight" in out and "(64, 3, 7, 7)" in out
-  torch = pytest.importorskip("torch")  # a training checkpoint wrapping the state dict
+  import torch  # a training checkpoint wrapping the state dict
   torch.save({"state_dict": state, "epoch": 3, "arch": "x"}, tmp_path / "ckpt.pth")
   rc, out, _ = run_cli(capsys, "weights", "inspect", str(tmp_path / "ckpt.pth"), "--json")
   assert {t["name"] for t in json.loads(out)["tensors"]} == {f"state_dict.{k}" for k in state}

@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import skimage.data as skimage_data  # requirements/lock.txt: missing = a broken install
 
-skimage_data = pytest.importorskip("skimage.data")
-
-from jaxclf.data.transforms import preprocess_batch  # noqa: E402
-from jaxclf.models import create_model  # noqa: E402
-from jaxclf.models.pretrained import load_pretrained, pretrained_preprocess_spec  # noqa: E402
+from jaxclf.data.transforms import preprocess_batch
+from jaxclf.models import create_model
+from jaxclf.models.pretrained import load_pretrained, pretrained_preprocess_spec
 
 PHOTOS = {"chelsea": {281, 282, 285}, "coffee": {504, 967, 968}}
 
