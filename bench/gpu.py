@@ -101,13 +101,27 @@ def data_parallel(dtype: str, grad_accum_steps: int, batch: int, steps_n: int) -
           "loss_last": round(last, 4), "ok": bool(np.isfinite(last) and last < first)}
 
 
+def kernel_selection() -> dict:
+  """What conv_impl='auto' picks here: off CPU every layer must stay on XLA (cuDNN), never the CPU
+  kernels (oneDNN conv / BatchNorm / depthwise, the taps)."""
+  from jaxclf.models import efficientnet
+  from jaxclf.models.layers import resolve_conv_impl
+  got = {"conv_impl": resolve_conv_impl("auto"),
+         "depthwise": efficientnet.resolve_depthwise_impl("auto")}
+  got["ok"] = jax.default_backend() == "cpu" or set(got.values()) == {"xla"}
+  if not got["ok"]:
+    raise SystemExit(f"gpu_check: CPU kernels selected on {jax.default_backend()}: {got}")
+  return got
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--out", default="bench/results/gpu_check.json")
   a = p.parse_args()
   res = {"jax": jax.__version__, "backend": jax.default_backend(),
-         "devices": [str(d) for d in jax.devices()], "cases": []}
+         "devices": [str(d) for d in jax.devices()], "kernels": kernel_selection(), "cases": []}
+  print(json.dumps(res["kernels"]), flush=True)
   for case in CASES:
     res["cases"].append(measure(*case, a.steps))
     print(json.dumps(res["cases"][-1]), flush=True)

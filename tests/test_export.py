@@ -375,10 +375,10 @@ def test_export_cli_from_a_training_run(tmp_path, capsys):
   assert shown["dataset_version"] == run_json["dataset"]["version"]
 
 
-def test_depthwise_convs_export_as_grouped_convs_while_training_uses_taps():
-  """Lite0's depthwise convs train as k*k multiply-adds on CPU (efficientnet.depthwise_taps), but
-  the ONNX graph keeps one grouped Conv per layer, which onnxruntime runs natively; the graph
-  still gives the JAX logits."""
+def test_depthwise_convs_export_as_grouped_convs_while_training_uses_cpu_kernels():
+  """Lite0's depthwise convs train on CPU kernels (oneDNN's depthwise primitive, or k*k taps:
+  efficientnet.resolve_depthwise_impl), but the ONNX graph keeps one grouped Conv per layer,
+  which onnxruntime runs natively; the graph still gives the JAX logits."""
   import jax
   import jax.numpy as jnp
   import onnxruntime as ort
@@ -390,7 +390,7 @@ def test_depthwise_convs_export_as_grouped_convs_while_training_uses_taps():
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
   variables = model.init(jax.random.key(0), jnp.asarray(x), train=False)
   forward = lambda inp: model.apply(variables, inp, train=False)
-  assert efficientnet.DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu"  # taps here
+  assert efficientnet.resolve_depthwise_impl("auto") != "xla"  # CPU kernels here
   proto = convert_to_onnx(forward, (32, 32, 1))
   grouped = [n for n in proto.graph.node if n.op_type == "Conv"
              and any(a.name == "group" and a.i > 1 for a in n.attribute)]

@@ -16,7 +16,7 @@ SCHEDULE_NAMES = ("constant", "exponential", "one_cycle", "plateau", "step", "wa
 _CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers", "weight_init")
 _VGG = ("conv_impl", "dropout", "dtype", "features_only", "layers", "width")
 _RESNET = ("act", "block_cls", "conv_impl", "dropout", "dtype", "num_filters", "stage_sizes", "stem")
-_EFFICIENTNET = ("bn_momentum", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",
+_EFFICIENTNET = ("bn_momentum", "conv_impl", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",
                  "head_features", "lite", "se_ratio", "stages", "stem_features",
                  "width_coefficient")
 

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxclf.models.layers import BatchNorm, Conv, resolve_conv_impl
 from jaxclf.models.registry import register_model
 
 ModuleDef = Any
@@ -77,16 +78,20 @@ def round_repeats(repeats: int, depth: float) -> int:
   return int(math.ceil(depth * repeats))
 
 
-# 'auto': taps on CPU, XLA's grouped convolution elsewhere; 'taps' | 'xla' force one (read at
-# trace time; bench/lite0_step.py times both in one run).
+# 'auto': the model's conv_impl decides (oneDNN's depthwise primitive when it resolves to
+# 'onednn', taps elsewhere on CPU, XLA's grouped convolution off CPU); 'onednn' | 'taps' | 'xla'
+# force one (read at trace time; bench/lite0_step.py times them in one run).
 DEPTHWISE_IMPL = "auto"
+DEPTHWISE_IMPLS = ("auto", "onednn", "taps", "xla")
 
 
 @contextlib.contextmanager
 def depthwise_impl(impl: str) -> Iterator[None]:
-  """Traces DepthwiseConv with `impl` ("auto" | "taps" | "xla") inside the block. ONNX export uses
-  "xla": the graph then holds one grouped conv per layer, which onnxruntime runs natively, rather
-  than k*k multiply-adds (the taps are a lever for XLA CPU's training step only)."""
+  """Traces DepthwiseConv with `impl` ("auto" | "onednn" | "taps" | "xla") inside the block. ONNX
+  export uses "xla": the graph then holds one grouped conv per layer, which onnxruntime runs
+  natively (the oneDNN call and the taps are levers for the CPU training step only)."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f"depthwise impl {impl!r}: expected one of {', '.join(DEPTHWISE_IMPLS)}")
   global DEPTHWISE_IMPL
   saved, DEPTHWISE_IMPL = DEPTHWISE_IMPL, impl
   try:
@@ -120,14 +125,31 @@ def depthwise_taps(x, kernel, stride: int):
   return out
 
 
+# BatchNorm's training pass: 'auto' follows the model's conv_impl (oneDNN's primitive when it
+# resolves to 'onednn'); 'xla' keeps layers.BatchNorm's XLA arithmetic (read at trace time, for
+# bench/lite0_step.py's A/B).
+BATCHNORM_IMPL = "auto"
+
+
+def resolve_depthwise_impl(conv_impl: str) -> str:
+  """What DepthwiseConv runs for a model whose conv_impl is `conv_impl` (see DEPTHWISE_IMPL)."""
+  if DEPTHWISE_IMPL != "auto":
+    return DEPTHWISE_IMPL
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "onednn" if resolve_conv_impl(conv_impl) == "onednn" else "taps"
+
+
 class DepthwiseConv(nn.Module):
   """nn.Conv(C, (k, k), stride, 'SAME', feature_group_count=C, use_bias=False) with the same
   parameter ('kernel', (k, k, 1, C)), so checkpoints and the ImageNet weights load unchanged.
-  On CPU it computes by taps (`depthwise_taps`); elsewhere XLA's grouped convolution."""
+  On CPU it runs oneDNN's depthwise primitive (impl 'onednn', forward and both gradients) or
+  k*k taps (`depthwise_taps`); elsewhere XLA's grouped convolution (`resolve_depthwise_impl`)."""
   kernel_size: int
   stride: int
   kernel_init: Callable = depthwise_init
   dtype: Any = jnp.float32
+  impl: str = "xla"  # the model's conv_impl
 
   @nn.compact
   def __call__(self, x):
@@ -135,8 +157,13 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, c))
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
-    if DEPTHWISE_IMPL == "taps" or (DEPTHWISE_IMPL == "auto" and jax.default_backend() == "cpu"):
+    impl = resolve_depthwise_impl(self.impl)
+    if impl == "taps":
       return depthwise_taps(x, kernel, self.stride)
+    if impl == "onednn" and x.dtype == jnp.float32:
+      from jaxclf.ops import onednn
+      return onednn.conv2d(x, kernel, strides=(self.stride, self.stride), padding="SAME",
+                           groups=c)
     return jax.lax.conv_general_dilated(
         x, kernel, (self.stride, self.stride), "SAME", feature_group_count=c,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -152,17 +179,20 @@ class MBConv(nn.Module):
   drop_rate: float
   norm: ModuleDef
   act: Callable
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
     inputs = x
     in_features = x.shape[-1]
     hidden = in_features * self.expand
+    conv1x1 = partial(Conv, kernel_size=(1, 1), use_bias=False, kernel_init=conv_init,
+                      dtype=x.dtype, impl=self.conv_impl)
     if self.expand != 1:
-      x = nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, dtype=x.dtype,
-                  name="expand_conv")(x)
+      x = conv1x1(hidden, name="expand_conv")(x)
       x = self.act(self.norm(name="expand_bn")(x))
-    x = DepthwiseConv(self.kernel, self.stride, dtype=x.dtype, name="depthwise_conv")(x)
+    x = DepthwiseConv(self.kernel, self.stride, dtype=x.dtype, impl=self.conv_impl,
+                      name="depthwise_conv")(x)
     x = self.act(self.norm(name="depthwise_bn")(x))
     if self.se_ratio:
       # The squeeze width comes from the block's *input* channels, as in the paper and reference.
@@ -172,8 +202,7 @@ class MBConv(nn.Module):
                            name="se_reduce")(s))
       s = nn.Conv(hidden, (1, 1), kernel_init=conv_init, dtype=x.dtype, name="se_expand")(s)
       x = x * nn.sigmoid(s)
-    x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=x.dtype,
-                name="project_conv")(x)
+    x = conv1x1(self.features, name="project_conv")(x)
     x = self.norm(name="project_bn")(x)
     if self.stride == 1 and in_features == self.features:
       if self.drop_rate > 0:
@@ -196,6 +225,7 @@ class EfficientNet(nn.Module):
   se_ratio: float = 0.25  # ignored when lite
   bn_momentum: float = 0.9  # Flax convention (0.9 = keep 90% of the running average per step)
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"  # CPU kernels of conv, depthwise conv and BN (layers.py); the trainer picks it
 
   def _stage_plan(self) -> list[tuple[StageSpec, int, int]]:
     """(stage, output channels, repeats) after width/depth scaling."""
@@ -210,8 +240,13 @@ class EfficientNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                   epsilon=BN_EPSILON, dtype=self.dtype)
+    # layers.BatchNorm: nn.BatchNorm's parameters, statistics and arithmetic, with the training
+    # pass on oneDNN when conv_impl resolves to it.
+    norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                   epsilon=BN_EPSILON, dtype=self.dtype,
+                   impl=self.conv_impl if BATCHNORM_IMPL == "auto" else BATCHNORM_IMPL)
+    conv = partial(Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                   impl=self.conv_impl)
     act = nn.relu6 if self.lite else nn.swish
     fixed_ends = self.lite
     stem = self.stem_features if fixed_ends else round_filters(self.stem_features,
@@ -219,8 +254,7 @@ class EfficientNet(nn.Module):
     head = self.head_features if fixed_ends else round_filters(self.head_features,
                                                                self.width_coefficient)
     x = x.astype(self.dtype)
-    x = nn.Conv(stem, (3, 3), (2, 2), padding="SAME", use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name="stem_conv")(x)
+    x = conv(stem, (3, 3), (2, 2), padding="SAME", name="stem_conv")(x)
     x = act(norm(name="stem_bn")(x))
 
     plan = self._stage_plan()
@@ -231,11 +265,10 @@ class EfficientNet(nn.Module):
         x = MBConv(features, stage.kernel, stage.stride if j == 0 else 1, stage.expand,
                    se_ratio=None if self.lite else self.se_ratio,
                    drop_rate=self.drop_connect_rate * index / num_blocks, norm=norm, act=act,
-                   name=f"block{index}")(x, train)
+                   conv_impl=self.conv_impl, name=f"block{index}")(x, train)
         index += 1
 
-    x = nn.Conv(head, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                name="head_conv")(x)
+    x = conv(head, (1, 1), name="head_conv")(x)
     x = act(norm(name="head_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -1,6 +1,7 @@
 """oneDNN kernels for the CPU train step, called from jitted JAX through `jax.ffi`: 2-D convolution
-(forward, backward-data, backward-weights), training-mode batch normalisation with an optional
-fused ReLU (forward + backward), and max pooling (forward + backward).
+(forward, backward-data, backward-weights; grouped too, so depthwise with groups = channels),
+training-mode batch normalisation with an optional fused ReLU (forward + backward), and max
+pooling (forward + backward).
 Why: XLA CPU's convolution *gradients* are very slow (openxla/xla#34273); on the anchor CNN a
 train step costs ~18x the forward pass. PyTorch on CPU runs its convolutions on oneDNN. This
 module calls oneDNN's convolution forward, backward-data and backward-weights primitives from a
@@ -9,6 +10,7 @@ install, see setup.py) and makes them differentiable with `jax.custom_vjp`.
 
   from jaxclf.ops import onednn
   y = onednn.conv2d(x, kernel, strides=(1, 1), padding="SAME")   # NHWC x, HWIO kernel, float32
+  y = onednn.conv2d(x, dw_kernel, strides=(2, 2), groups=C)      # depthwise: (k, k, 1, C) kernel
   y, mean, var = onednn.batch_norm_train(x, scale, shift, relu=True)  # relu(bn(x)), batch stats
   y = onednn.max_pool(x, (2, 2), (2, 2))                           # VALID, odd edges dropped
 
@@ -59,6 +61,15 @@ the anchor layers, 128 for the ResNet ones:
   1x1 s2 8px 128->256         2.9 /  1.6 /    9.2           2.7 /  4.1 /  2.6               2.4 /  3.9 /  2.5
 
 (XLA's bwd-data is faster only for the small stride-2 ResNet shapes at 8-16 px, by 1-3 ms.)
+
+Depthwise / grouped (EfficientNet's DepthwiseConv on CPU, 2026-12-07, AVX-512 EPYC): the flax
+(KH, KW, C/G, O) kernel is handed to oneDNN as a strided (G, O/G, C/G, KH, KW) view, no copy;
+oneDNN picks brdgmm_dw (forward), jit_dw (backward-data), jit_dw / jit (backward-weights), with the
+activations NHWC. Letting it choose blocked activation layouts (JAXCLF_ONEDNN_ACT_ANY_*) was
+slower in every pass and fell back to gemm for k5 backward-weights, so NHWC stays. Lite0 at 128 px,
+batch 32, forward + both gradients of all 16 depthwise convs: 312 ms against 1,198 ms as taps
+(efficientnet.depthwise_taps, the previous lever) in the same run, both under load ~2 (helpers
+running); per layer see bench/lite0_step.py's `convs` breakdown.
 
 Anchor-CNN train step, batch 256 (`bench/conv.py --part step`, img/s, same run each line):
   nn.Conv (lax) 106-138 | conv2d XLA fwd + oneDNN bwd 362-375 | conv2d all oneDNN 464-641 |
@@ -198,69 +209,73 @@ def _out_hw(in_hw, k_hw, strides, pads):
   return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(in_hw, k_hw, strides, pads))
 
 
-def _attrs(kind, strides, pads):
+def _attrs(kind, strides, pads, groups):
   (pt, pb), (pl, pr) = pads
   return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pt), pb=np.int64(pb),
-              pl=np.int64(pl), pr=np.int64(pr), act_any=np.int64(int(_ACT_ANY[kind])))
+              pl=np.int64(pl), pr=np.int64(pr), groups=np.int64(groups),
+              act_any=np.int64(int(_ACT_ANY[kind])))
 
 
-def _ffi(kind, shape, a, b, strides, pads):
+def _ffi(kind, shape, a, b, strides, pads, groups):
   if _load() is None:
     raise RuntimeError(f"jaxclf.ops.onednn is unavailable: {_error}")
   return jax.ffi.ffi_call(_TARGETS[kind], jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="sequential")(a, b, **_attrs(kind, strides, pads))
+                          vmap_method="sequential")(a, b, **_attrs(kind, strides, pads, groups))
 
 
-def _lax_conv(x, kernel, strides, pads):
-  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMS)
+def _lax_conv(x, kernel, strides, pads, groups=1):
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMS,
+                                  feature_group_count=groups)
 
 
-def _fwd_impl(x, kernel, strides, pads, forward):
+def _fwd_impl(x, kernel, strides, pads, forward, groups):
   if forward == "onednn":
     n, h, w, _ = x.shape
     oh, ow = _out_hw((h, w), kernel.shape[:2], strides, pads)
-    return _ffi("fwd", (n, oh, ow, kernel.shape[3]), x, kernel, strides, pads)
-  return _lax_conv(x, kernel, strides, pads)
+    return _ffi("fwd", (n, oh, ow, kernel.shape[3]), x, kernel, strides, pads, groups)
+  return _lax_conv(x, kernel, strides, pads, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, strides, pads, forward):
-  return _fwd_impl(x, kernel, strides, pads, forward)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, kernel, strides, pads, forward, groups):
+  return _fwd_impl(x, kernel, strides, pads, forward, groups)
 
 
-def _conv_fwd(x, kernel, strides, pads, forward):
-  return _fwd_impl(x, kernel, strides, pads, forward), (x, kernel)
+def _conv_fwd(x, kernel, strides, pads, forward, groups):
+  return _fwd_impl(x, kernel, strides, pads, forward, groups), (x, kernel)
 
 
-def _conv_bwd(strides, pads, forward, res, dy):
+def _conv_bwd(strides, pads, forward, groups, res, dy):
   x, kernel = res
   dy = dy.astype(jnp.float32)
   if _BWD_DATA == "xla":
-    dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads), x)[1](dy)[0]
+    dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads, groups), x)[1](dy)[0]
   else:
-    dx = _ffi("bwd_data", x.shape, dy, kernel, strides, pads)
-  dw = _ffi("bwd_weights", kernel.shape, x, dy, strides, pads)
+    dx = _ffi("bwd_data", x.shape, dy, kernel, strides, pads, groups)
+  dw = _ffi("bwd_weights", kernel.shape, x, dy, strides, pads, groups)
   return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _supported(x, kernel, strides, pads) -> bool:
+def _supported(x, kernel, strides, pads, groups=1) -> bool:
   return (x.ndim == 4 and kernel.ndim == 4 and x.dtype == jnp.float32
-          and kernel.dtype == jnp.float32 and x.shape[3] == kernel.shape[2]
+          and kernel.dtype == jnp.float32 and groups >= 1
+          and x.shape[3] == kernel.shape[2] * groups and kernel.shape[3] % groups == 0
           and min(x.shape) > 0 and min(kernel.shape) > 0
           and all(lo >= 0 and hi >= 0 for lo, hi in pads)
           and all(o > 0 for o in _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)))
 
 
 def conv2d(x, kernel, *, strides: Sequence[int] = (1, 1), padding="SAME",
-           forward: str | None = None):
-  """`lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))`, with its
-  gradients (and, where faster, its forward) computed by oneDNN.
+           forward: str | None = None, groups: int = 1):
+  """`lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"),
+  feature_group_count=groups)`, with its gradients (and, where faster, its forward) computed by
+  oneDNN.
 
-  x: (N, H, W, C) float32; kernel: (KH, KW, C, O) float32 (flax `nn.Conv`'s `kernel`); groups=1,
-  no dilation. padding: 'SAME' | 'VALID' | ((lo, hi), (lo, hi)) as in lax. forward: 'xla' or
+  x: (N, H, W, C) float32; kernel: (KH, KW, C/groups, O) float32 (flax `nn.Conv`'s `kernel`;
+  groups=C with O=C is a depthwise convolution), no dilation. padding: 'SAME' | 'VALID' | ((lo, hi), (lo, hi)) as in lax. forward: 'xla' or
   'onednn' to force the forward implementation (default: the measured faster one). Falls back to
   the lax call when the extension is unavailable or the inputs are not float32.
   """
@@ -268,15 +283,16 @@ def conv2d(x, kernel, *, strides: Sequence[int] = (1, 1), padding="SAME",
   if len(strides) != 2:
     raise ValueError(f"strides must have 2 entries, got {strides}")
   pads = _pads(padding, x.shape[1:3], kernel.shape[:2], strides)
-  if not (available() and _supported(x, kernel, strides, pads)):
-    return _lax_conv(x, kernel, strides, pads)
+  groups = int(groups)
+  if not (available() and _supported(x, kernel, strides, pads, groups)):
+    return _lax_conv(x, kernel, strides, pads, groups)
   forward = forward or _FORWARD
   if forward not in ("xla", "onednn"):
     raise ValueError(f"forward must be 'xla' or 'onednn', got {forward!r}")
-  return _conv(x, kernel, strides, pads, forward)
+  return _conv(x, kernel, strides, pads, forward, groups)
 
 
-def impl_info(kind: str, x_shape, k_shape, strides=(1, 1), padding="SAME") -> str:
+def impl_info(kind: str, x_shape, k_shape, strides=(1, 1), padding="SAME", groups=1) -> str:
   """The oneDNN implementation (e.g. 'brg:avx2', 'jit:avx') picked for one shape and pass."""
   lib = _load()
   if lib is None:
@@ -285,8 +301,8 @@ def impl_info(kind: str, x_shape, k_shape, strides=(1, 1), padding="SAME") -> st
   n, h, w, c = x_shape
   oh, ow = _out_hw((h, w), k_shape[:2], strides, pads)
   v = (n, h, w, c, k_shape[3], k_shape[0], k_shape[1], oh, ow, strides[0], strides[1],
-       pads[0][0], pads[0][1], pads[1][0], pads[1][1], int(_ACT_ANY[kind]))
-  arr = (ctypes.c_int64 * 16)(*v)
+       pads[0][0], pads[0][1], pads[1][0], pads[1][1], int(_ACT_ANY[kind]), int(groups))
+  arr = (ctypes.c_int64 * 17)(*v)
   buf = ctypes.create_string_buffer(256)
   lib.jaxclf_onednn_impl({"fwd": 0, "bwd_data": 1, "bwd_weights": 2}[kind], arr, buf, 256)
   return buf.value.decode()

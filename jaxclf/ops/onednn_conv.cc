@@ -1,12 +1,13 @@
 // oneDNN 2-D convolution (forward, backward-data, backward-weights) as XLA FFI handlers for
-// jaxclf.ops.onednn. float32, NHWC activations, HWIO weights (flax's layout), groups=1, no
-// dilation, explicit (lo, hi) padding per spatial axis. See onednn.py for the Python side.
+// jaxclf.ops.onednn. float32, NHWC activations, HWIO weights (flax's layout: (KH, KW, C/G, O) for
+// G groups, as `feature_group_count` has it; G = C is a depthwise convolution), no dilation,
+// explicit (lo, hi) padding per spatial axis. See onednn.py for the Python side.
 //
 // Each handler takes two input buffers and writes one result:
-//   fwd:          x  (N,H,W,C),   w  (KH,KW,C,O) -> y  (N,OH,OW,O)
-//   bwd_data:     dy (N,OH,OW,O), w  (KH,KW,C,O) -> dx (N,H,W,C)
-//   bwd_weights:  x  (N,H,W,C),   dy (N,OH,OW,O) -> dw (KH,KW,C,O)
-// Attributes: sh, sw (strides), pt, pb, pl, pr (padding), act_any (1: let oneDNN pick the
+//   fwd:          x  (N,H,W,C),   w  (KH,KW,C/G,O) -> y  (N,OH,OW,O)
+//   bwd_data:     dy (N,OH,OW,O), w  (KH,KW,C/G,O) -> dx (N,H,W,C)
+//   bwd_weights:  x  (N,H,W,C),   dy (N,OH,OW,O)   -> dw (KH,KW,C/G,O)
+// Attributes: sh, sw (strides), pt, pb, pl, pr (padding), groups, act_any (1: let oneDNN pick the
 // activation layouts too and reorder from/to NHWC; 0: activations stay NHWC, only the weights are
 // in oneDNN's chosen layout).
 //
@@ -40,7 +41,7 @@ namespace {
 
 enum Kind : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-using Key = jaxclf_onednn::Int64Key<17>;
+using Key = jaxclf_onednn::Int64Key<18>;
 using KeyHash = jaxclf_onednn::Int64KeyHash;
 
 // One tensor the primitive touches: its oneDNN argument id, the user's (XLA's) layout and the
@@ -92,14 +93,29 @@ std::shared_ptr<Plan> MakePlan(const Key& k) {
   const dnnl::memory::dims strides{k.v[10], k.v[11]}, pad_l{k.v[12], k.v[14]},
       pad_r{k.v[13], k.v[15]}, dil{0, 0};
   const bool act_any = k.v[16] != 0;
+  const int64_t G = k.v[17];
   auto& eng = Engine();
 
-  const dnnl::memory::dims src_dims{N, C, H, W}, dst_dims{N, O, OH, OW}, wei_dims{O, C, KH, KW};
+  const dnnl::memory::dims src_dims{N, C, H, W}, dst_dims{N, O, OH, OW};
   const dnnl::memory::desc src_user(src_dims, dt::f32, tag::nhwc),
-      dst_user(dst_dims, dt::f32, tag::nhwc), wei_user(wei_dims, dt::f32, tag::hwio);
+      dst_user(dst_dims, dt::f32, tag::nhwc);
+  dnnl::memory::desc wei_user, wei_any;
+  if (G == 1) {
+    const dnnl::memory::dims wei_dims{O, C, KH, KW};
+    wei_user = dnnl::memory::desc(wei_dims, dt::f32, tag::hwio);
+    wei_any = dnnl::memory::desc(wei_dims, dt::f32, tag::any);
+  } else {
+    // Grouped weights are (G, O/G, C/G, KH, KW) to oneDNN. Flax stores (KH, KW, C/G, O) with
+    // output channel o = g * (O/G) + og, so the element (g, og, i, h, w) sits at
+    // ((h * KW + w) * (C/G) + i) * O + g * (O/G) + og: a strided view, no copy.
+    const int64_t OG = O / G, CG = C / G;
+    const dnnl::memory::dims wei_dims{G, OG, CG, KH, KW};
+    wei_user = dnnl::memory::desc(wei_dims, dt::f32,
+                                  dnnl::memory::dims{OG, 1, O, KW * CG * O, CG * O});
+    wei_any = dnnl::memory::desc(wei_dims, dt::f32, tag::any);
+  }
   const tag atag = act_any ? tag::any : tag::nhwc;
-  const dnnl::memory::desc src_any(src_dims, dt::f32, atag), dst_any(dst_dims, dt::f32, atag),
-      wei_any(wei_dims, dt::f32, tag::any);
+  const dnnl::memory::desc src_any(src_dims, dt::f32, atag), dst_any(dst_dims, dt::f32, atag);
 
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -191,20 +207,22 @@ void Execute(const Plan& plan, void* in0, void* in1, void* out) {
 
 ffi::Error Run(int kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr, int64_t act_any) {
+               int64_t pl, int64_t pr, int64_t groups, int64_t act_any) {
   auto da = a.dimensions(), db = b.dimensions(), dout = out->dimensions();
   if (da.size() != 4 || db.size() != 4 || dout.size() != 4)
     return ffi::Error::InvalidArgument("onednn_conv: all operands must be rank 4");
+  if (groups < 1) return ffi::Error::InvalidArgument("onednn_conv: groups must be >= 1");
+  const int64_t G = groups;
   int64_t N, H, W, C, O, KH, KW, OH, OW;
   if (kind == kFwd) {  // x, w -> y
     N = da[0]; H = da[1]; W = da[2]; C = da[3];
     KH = db[0]; KW = db[1]; O = db[3];
     OH = dout[1]; OW = dout[2];
-    if (db[2] != C || dout[0] != N || dout[3] != O)
+    if (db[2] * G != C || dout[0] != N || dout[3] != O)
       return ffi::Error::InvalidArgument("onednn_conv fwd: inconsistent shapes");
   } else if (kind == kBwdData) {  // dy, w -> dx
     N = da[0]; OH = da[1]; OW = da[2]; O = da[3];
-    KH = db[0]; KW = db[1]; C = db[2];
+    KH = db[0]; KW = db[1]; C = db[2] * G;
     H = dout[1]; W = dout[2];
     if (db[3] != O || dout[0] != N || dout[3] != C)
       return ffi::Error::InvalidArgument("onednn_conv bwd_data: inconsistent shapes");
@@ -212,12 +230,14 @@ ffi::Error Run(int kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     N = da[0]; H = da[1]; W = da[2]; C = da[3];
     OH = db[1]; OW = db[2]; O = db[3];
     KH = dout[0]; KW = dout[1];
-    if (db[0] != N || dout[2] != C || dout[3] != O)
+    if (db[0] != N || dout[2] * G != C || dout[3] != O)
       return ffi::Error::InvalidArgument("onednn_conv bwd_weights: inconsistent shapes");
   }
+  if (C % G != 0 || O % G != 0)
+    return ffi::Error::InvalidArgument("onednn_conv: channels not divisible by groups");
   if ((H + pt + pb - KH) / sh + 1 != OH || (W + pl + pr - KW) / sw + 1 != OW)
     return ffi::Error::InvalidArgument("onednn_conv: output size does not match padding/stride");
-  const Key key{{kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, act_any}};
+  const Key key{{kind, N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, act_any, G}};
   try {
     auto plan = GetPlan(key);
     jaxclf_onednn::ExecGuard guard(plan->serial);
@@ -232,18 +252,18 @@ ffi::Error Run(int kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-               int64_t act_any) {
-  return Run(kFwd, x, w, y, sh, sw, pt, pb, pl, pr, act_any);
+               int64_t groups, int64_t act_any) {
+  return Run(kFwd, x, w, y, sh, sw, pt, pb, pl, pr, groups, act_any);
 }
 ffi::Error BwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                   int64_t pl, int64_t pr, int64_t act_any) {
-  return Run(kBwdData, dy, w, dx, sh, sw, pt, pb, pl, pr, act_any);
+                   int64_t pl, int64_t pr, int64_t groups, int64_t act_any) {
+  return Run(kBwdData, dy, w, dx, sh, sw, pt, pb, pl, pr, groups, act_any);
 }
 ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
-                      int64_t pb, int64_t pl, int64_t pr, int64_t act_any) {
-  return Run(kBwdWeights, x, dy, dw, sh, sw, pt, pb, pl, pr, act_any);
+                      int64_t pb, int64_t pl, int64_t pr, int64_t groups, int64_t act_any) {
+  return Run(kBwdWeights, x, dy, dw, sh, sw, pt, pb, pl, pr, groups, act_any);
 }
 
 }  // namespace
@@ -259,6 +279,7 @@ ffi::Error BwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pb")                                                     \
       .Attr<int64_t>("pl")                                                     \
       .Attr<int64_t>("pr")                                                     \
+      .Attr<int64_t>("groups")                                                 \
       .Attr<int64_t>("act_any")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxclfOnednnConvFwd, Fwd, JAXCLF_CONV_BINDING);
@@ -276,11 +297,12 @@ int jaxclf_onednn_cache_size() {
   return static_cast<int>(g_cache->size());
 }
 // The implementation oneDNN chose for a shape (e.g. "jit:avx"), for the benchmark's report.
+// v17: N, H, W, C, O, KH, KW, OH, OW, sh, sw, pt, pb, pl, pr, act_any, groups.
 // Writes at most n-1 chars + NUL into buf; returns 0 on success.
-int jaxclf_onednn_impl(int kind, const int64_t* v16, char* buf, int n) {
+int jaxclf_onednn_impl(int kind, const int64_t* v17, char* buf, int n) {
   Key k;
   k.v[0] = kind;
-  for (int i = 0; i < 16; ++i) k.v[i + 1] = v16[i];
+  for (int i = 0; i < 17; ++i) k.v[i + 1] = v17[i];
   try {
     auto plan = GetPlan(k);
     std::string s = plan->impl;
