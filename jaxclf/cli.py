@@ -35,8 +35,10 @@ def _user_error_types():
 
 
 def run_training(config_spec: str, workdir: str, overrides=()) -> int:
+  from jaxclf.ops.compile_cache import enable_compilation_cache
   from jaxclf.ops.host_memory import reuse_freed_memory
   reuse_freed_memory()  # before the JAX backend starts its threads; a no-op the second time
+  enable_compilation_cache()
   from jaxclf.config import load_config
   from jaxclf.sweeps.tracked import train_tracked  # train_and_evaluate + optional MLflow
   try:
@@ -122,8 +124,10 @@ def main(argv=None) -> int:
   args = parse(build_parser(), argv)
   args.config_overrides = config_overrides
   if args.command in _JAX_COMPUTE_COMMANDS:  # before the JAX backend starts its threads
+    from jaxclf.ops.compile_cache import enable_compilation_cache
     from jaxclf.ops.host_memory import reuse_freed_memory
     reuse_freed_memory()
+    enable_compilation_cache()
   try:
     return int(args.func(args) or 0)
   except _user_error_types() as e:

@@ -48,13 +48,14 @@ def package_versions() -> dict[str, str | None]:
 def hardware() -> dict[str, Any]:
   import jax
 
-  from jaxclf.ops import host_memory
+  from jaxclf.ops import compile_cache, host_memory
   devs = jax.devices()
   return {"platform": platform.platform(), "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "machine": platform.machine(),
           "jax_backend": jax.default_backend(), "devices": [str(d) for d in devs],
           "device_kind": devs[0].device_kind if devs else None,
-          "host_malloc": host_memory.status()}
+          "host_malloc": host_memory.status(),
+          "compilation_cache": compile_cache.compilation_cache_status()}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
