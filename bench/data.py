@@ -3,6 +3,8 @@
   python bench/data.py                      # ingest + loader throughput (~2 min on 2 cores)
   python bench/data.py --images 4000        # the FINDINGS.md anchor size
   python bench/data.py --larger-than-ram    # stream one epoch over >= 4 GB, report peak RSS
+  python bench/data.py --cases photo        # only the photo-size cases (4. below)
+  python bench/data.py --cases photo --photo-data DIR   # on an ingested dataset (photo_race's)
 
 1. ingest: images/s of `jaxclf data ingest` on synthetic 256x256 q90 JPEGs, beside a baseline
    doing the minimum (read + full decode, one thread) in the same run.
@@ -13,6 +15,14 @@
    rounds alternate between the two, and the ratio is Grain / torch (> 1: Grain faster).
 3. --larger-than-ram: writes >= --gb GB of encoded JPEG records as shards, then a fresh process
    streams one globally shuffled epoch through Grain (decode + augment) and reports its peak RSS.
+4. photo (issue 26, "the input side at photo sizes"): JPEG decode + random-resized-crop (0.35-1)
+   + flip + brightness/contrast/saturation jitter 0.2 + the weights' normalisation at 128 and
+   224 px, batch 32: exactly what training with configs/photos.py runs, i.e. jaxclf's own Grain
+   pipeline (pipeline.train_dataset + pipeline.TrainTransform from the resolved config,
+   pipeline.to_iterator with the config's data.read_threads and data.prefetch_batches), against a
+   torch DataLoader (2 workers, Pillow) doing (a) the identical per-item work (TrainTransform) and
+   (b) bench/torch_finetune.py's own hand-written transforms (the race's torch side). Same
+   ingested shards, rounds alternating; ratios are Grain / torch (> 1: Grain faster).
 """
 from __future__ import annotations
 
@@ -136,8 +146,8 @@ def grain_epoch(src, size: int, threads: int, batch: int, seed: int) -> tuple[in
 
 
 class TorchSet:
-  def __init__(self, src, size, seed):
-    self.src, self.work, self.seed = src, _Work(size), seed
+  def __init__(self, src, size, seed, work=None):
+    self.src, self.work, self.seed = src, work or _Work(size), seed
 
   def __len__(self):
     return len(self.src)
@@ -153,12 +163,16 @@ def _collate(items):
           torch.tensor([y for _, y in items]))
 
 
-def torch_epoch(src, size: int, workers: int, batch: int, seed: int) -> tuple[int, float]:
+def torch_epoch(src, size: int, workers: int, batch: int, seed: int, dataset=None
+                ) -> tuple[int, float]:
   import torch  # noqa: PLC0415
   torch.set_num_threads(1)
   g = torch.Generator().manual_seed(seed)
-  dl = torch.utils.data.DataLoader(TorchSet(src, size, seed), batch_size=batch, shuffle=True,
-                                   num_workers=workers, collate_fn=_collate, generator=g,
+  dl = torch.utils.data.DataLoader(dataset if dataset is not None else TorchSet(src, size, seed),
+                                   batch_size=batch,
+                                   shuffle=True, drop_last=dataset is not None,
+                                   num_workers=workers, generator=g,
+                                   collate_fn=None if isinstance(dataset, _RaceSet) else _collate,
                                    prefetch_factor=4 if workers else None,
                                    persistent_workers=False)
   return _steady(len(x) for x, _ in dl)
@@ -187,6 +201,97 @@ def bench_loader(ds_dir: str, sizes, thread_counts, rounds: int, batch: int) -> 
         "ratio_grain2_over_torch2": round(mean.get("grain_threads_2", 0) / mean["torch_workers_2"], 3),
         "images_per_epoch": len(src)}
   return results
+
+
+# ------------------------------------------------------------------------- photo sizes
+
+def photo_setup(size: int):
+  """configs/photos.py:size=S resolved as training resolves it -> (config, spec, augment spec)."""
+  from jaxclf.config import load_config  # noqa: PLC0415
+  from jaxclf.train.loop import create_preprocess_spec  # noqa: PLC0415
+  config = load_config(os.path.join(REPO, "configs", "photos.py") + f":size={size}", [])
+  return (config, create_preprocess_spec(config, [f"c{i}" for i in range(10)]),
+          transforms.AugmentSpec.from_config(config.augment))
+
+
+def grain_photo_epoch(split, config, spec, aug, seed: int) -> tuple[int, float]:
+  """One epoch of the trainer's own Grain input (jaxclf/train/inputs.py's Grain path)."""
+  from jaxclf.data import pipeline  # noqa: PLC0415
+  ds = pipeline.train_dataset(split, epoch=0, seed=seed, batch_size=int(config.train.batch_size),
+                              transform=pipeline.TrainTransform(spec, aug,
+                                                                int(config.data.max_pixels)),
+                              sampler=config.data.sampler)
+  it = pipeline.to_iterator(ds, int(config.data.read_threads), int(config.data.prefetch_batches),
+                            int(config.data.worker_processes))
+  return _steady(len(b["label"]) for b in it)
+
+
+class _RaceSet:
+  """bench/torch_finetune.py's Dataset (its hand-written transforms), picklable."""
+
+  def __init__(self, src, size, config):
+    self.src, self.size = src, size
+    self.a = argparse.Namespace(crop_scale=tuple(config.augment.crop_scale),
+                                crop_fraction=float(config.preprocessing.crop_fraction),
+                                jitter=float(config.augment.brightness))
+    self._ds = None
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    if self._ds is None:
+      sys.path.insert(0, os.path.join(REPO, "bench"))
+      import torch_finetune  # noqa: PLC0415
+      self._ds = torch_finetune.Photos(self.src, self.size, True, self.a)
+    return self._ds[i]
+
+
+def bench_photo(ds_dir: str, sizes, rounds: int, workers: int = 2) -> dict:
+  import ml_collections  # noqa: PLC0415
+  from jaxclf.data.sources import ingested  # noqa: PLC0415
+  split = ingested.load(ml_collections.ConfigDict({"source": ds_dir, "channels": 3,
+                                                    "limit_per_split": 0})).splits["train"]
+  src = split.source
+  results = {}
+  for size in sizes:
+    config, spec, aug = photo_setup(size)
+    batch = int(config.train.batch_size)
+    same = TorchSet(src, size, 0, work=pipeline_transform(spec, aug, config))
+    race = _RaceSet(src, size, config)
+    keys = ("grain", "torch_same_work", "torch_race_transforms")
+    runs = {k: [] for k in keys}
+    grain_photo_epoch(split, config, spec, aug, 99)  # warm the page cache and imports
+    for r in range(rounds):
+      order = keys if r % 2 == 0 else keys[::-1]
+      for k in order:
+        if k == "grain":
+          n, s = grain_photo_epoch(split, config, spec, aug, r)
+        else:
+          n, s = torch_epoch(src, size, workers, batch, r, dataset=same if k == "torch_same_work"
+                             else race)
+        runs[k].append(n / s)
+      log(f"photo {size}px round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()))
+    mean = {k: round(float(np.mean(v)), 1) for k, v in runs.items()}
+    results[f"{size}px"] = {
+        "images_per_s": mean, "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+        "ratio_grain_over_torch_same_work": round(mean["grain"] / mean["torch_same_work"], 3),
+        "ratio_grain_over_torch_race_transforms":
+            round(mean["grain"] / mean["torch_race_transforms"], 3),
+        "batch": batch, "grain_read_threads": int(config.data.read_threads),
+        "grain_prefetch_batches": int(config.data.prefetch_batches), "torch_workers": workers,
+        "augment": {k: v for k, v in dict(config.augment).items() if v},
+        "images_per_epoch": len(src)}
+    if len(src) // batch < 10:
+      results[f"{size}px"]["warning"] = (f"{len(src) // batch} batches per epoch: too few for a "
+                                         "steady-state rate (use --images 1000 or more)")
+  return results
+
+
+def pipeline_transform(spec, aug, config):
+  """The trainer's per-item transform as a (record, rng) -> {image, label} callable."""
+  from jaxclf.data import pipeline  # noqa: PLC0415
+  return pipeline.TrainTransform(spec, aug, int(config.data.max_pixels))
 
 
 # ------------------------------------------------------------------------- larger than RAM
@@ -284,6 +389,12 @@ def main():
   p.add_argument("--big-px", type=int, default=1024)
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--workdir", default=None, help="where to write temporary data (default: $TMPDIR)")
+  p.add_argument("--cases", default="ingest,loader,photo",
+                 help="which of ingest, loader, photo to run (comma-separated)")
+  p.add_argument("--photo-sizes", default="128,224")
+  p.add_argument("--photo-data", default=None,
+                 help="an ingested dataset for the photo cases (default: the synthetic one made "
+                      "here from --images JPEGs of --source-px)")
   p.add_argument("--_stream", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a._stream:
@@ -296,20 +407,36 @@ def main():
                                 a.workdir)
     print(json.dumps({"larger_than_ram": res, "meta": meta}, indent=1))
     return
+  cases = {c for c in a.cases.split(",") if c}
+  if cases - {"ingest", "loader", "photo"}:
+    p.error(f"--cases: unknown {sorted(cases - {'ingest', 'loader', 'photo'})}")
   d = tempfile.mkdtemp(prefix="jaxclf-bench-", dir=a.workdir)
   try:
     folder, out = os.path.join(d, "jpegs"), os.path.join(d, "ds")
-    t = time.perf_counter()
-    total = make_folder(folder, a.images, a.source_px)
-    log(f"made {a.images} JPEGs ({total / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
-    ing = bench_ingest(folder, out, a.images, a.rounds)
-    log(f"ingest: {ing}")
-    loader = bench_loader(out, [int(s) for s in a.sizes.split(",")],
-                          [int(t) for t in a.threads.split(",")], a.rounds, a.batch)
-    print(json.dumps({"ingest": ing, "loader": loader, "meta": {
+    res = {}
+    if cases & {"ingest", "loader"} or (cases & {"photo"} and not a.photo_data):
+      t = time.perf_counter()
+      total = make_folder(folder, a.images, a.source_px)
+      log(f"made {a.images} JPEGs ({total / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+      if "ingest" in cases:
+        res["ingest"] = bench_ingest(folder, out, a.images, a.rounds)
+        log(f"ingest: {res['ingest']}")
+      else:
+        from jaxclf.data import ingest  # noqa: PLC0415
+        ingest.ingest(folder, ingest.IngestOptions(out=out, shard_mb=16))
+    if "loader" in cases:
+      res["loader"] = bench_loader(out, [int(s) for s in a.sizes.split(",")],
+                                   [int(t) for t in a.threads.split(",")], a.rounds, a.batch)
+    if "photo" in cases:
+      res["photo"] = bench_photo(a.photo_data or out, [int(s) for s in a.photo_sizes.split(",")],
+                                 a.rounds)
+      res["photo"]["source"] = (a.photo_data if a.photo_data else
+                                f"synthetic {a.source_px}px q90 JPEGs (train split of --images)")
+    print(json.dumps({**res, "meta": {
         **meta, "images": a.images, "source_px": a.source_px, "batch": a.batch,
-        "load_avg_1m_end": round(os.getloadavg()[0], 2),
-        "note": "loader reads the train split of the ingested shards (80% of --images)"}}, indent=1))
+        "cases": sorted(cases), "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "note": "loader and photo read the train split of the ingested shards (80% of --images)"}},
+        indent=1))
   finally:
     shutil.rmtree(d, ignore_errors=True)
 
