@@ -14,6 +14,17 @@ runs unchanged (conv_impl auto -> XLA/cuDNN).
 
 Variants: `configs/cnn.py:quick` (1 epoch smoke run), `configs/cnn.py:tiny` (tiny model, small
 subset: the tests' config). Sweeps: `jaxclf sweep --config configs/cnn.py --sweep lr_grid`.
+
+`configs/cnn.py:tiny` (the tests' config; a recipe of its own, since the full one's lr 0.2
+diverges in 16 steps to 4% test accuracy with the temperature at its bound):
+  python -m jaxclf.main --config=configs/cnn.py:tiny --workdir=runs/tiny
+cnn_tiny (conv 8 | pool | conv 16 | pool, 9,122 params) on the first 512 images of each split,
+batch 64, 2 epochs = 16 steps, SGD-Nesterov one-cycle to lr 0.04, no augmentation.
+Expected (measured 2026-12-07 on the 2-core AMD EPYC CPU machine, other work running): seed 0
+single-view test accuracy 77.1% (val 76.0%; tests/test_train.py::test_the_tiny_config_learns
+asserts >= 70%), temperature 0.70 fitted on val; seeds 0-4: 77.1 / 72.3 / 69.7 / 71.9 / 73.2%.
+6.1-6.4 s wall for the command (3.3-3.5 s run.json duration_s; XLA cache warm); the full recipe's
+settings took 6.5-6.8 s (3.7-3.9 s) on the same machine, runs alternating.
 """
 from jaxclf.config import default_config, parse_arg
 
@@ -52,8 +63,20 @@ def get_config(arg: str | None = None):
     c.model.kwargs = type(c.model.kwargs)()  # the tiny model's own layers
     c.data.limit_per_split = 512
     c.train.batch_size = 64
-    c.train.num_epochs = 2
+    c.train.num_epochs = 2  # 8 steps per epoch, 16 in all
     c.train.eval_batch_size = 256
+    # A recipe that learns in 16 steps (the full one's lr 0.2 diverges here: 4% test accuracy,
+    # temperature at its bound). Peak lr 0.04 (0.1 and up is unstable at this step count), a
+    # 2-step warmup, and an anneal to 20% of the peak, not to 0 (the last steps still learn);
+    # no augmentation (it costs ~5 points in 16 steps). Label smoothing stays: the raw model is
+    # then under-confident and the fitted temperature clearly below 1, which the served-agreement
+    # test needs to tell "T applied once" from zero times or twice. Seeds 0-4: test accuracy
+    # 77.1 / 72.3 / 69.7 / 71.9 / 73.2%.
+    c.optimizer.learning_rate = 0.04
+    c.schedule.warmup_fraction = 0.125
+    c.schedule.final_fraction = 0.2
+    c.augment.translate = 0
+    c.augment.hflip = False
     c.periodic.log = "4 steps"
     c.periodic.checkpoint = "4 steps"
     c.train.progress_bar = False

@@ -127,7 +127,9 @@ def test_each_trainer_process_reads_its_rows_of_every_global_batch(on_device):
   from jaxclf.data.dataset import load_dataset
   from jaxclf.train import inputs
   from jaxclf.train.loop import create_preprocess_spec
-  config = load_config(f"{REPO}/configs/cnn.py:tiny", environ={})
+  # The full recipe's augmentation (configs/cnn.py:tiny trains without it), so it is checked too.
+  config = load_config(f"{REPO}/configs/cnn.py:tiny", ["augment.translate=2", "augment.hflip=true"],
+                       environ={})
   dataset = load_dataset(config.data)
   split, spec = dataset.split("train"), create_preprocess_spec(config, dataset.class_names)
   aug = transforms.AugmentSpec.from_config(config.augment)

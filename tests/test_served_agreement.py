@@ -11,7 +11,10 @@ Temperature T is applied exactly once on every path: the checkpoint loader divid
 graph divides, the gateway only takes the softmax. The default suite uses a tiny run (TTA off,
 so run.json's test accuracy is the single-view figure) and the first 512 test images written as
 PNG files (the run's own test split); the slow twin does the same with a real default-config run
-on all 10,000 Fashion-MNIST test images.
+on all 10,000 Fashion-MNIST test images. Both check a model that learned first (the tiny one:
+about 77% on those images, tests/test_train.py::test_the_tiny_config_learns; chance is 10%), and
+a fitted temperature away from 1 (the tiny one: about 0.70), so that the agreement, and T applied
+exactly once, are checked on a classifier and not on a constant.
 
 The training loop fits T on the validation split (train.calibrate) and records it in
 preprocessing.json and run.json "calibration"; for a run without that record this test fits T
@@ -29,6 +32,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from jaxclf.calibration import T_MAX, T_MIN
 from jaxclf.data.sources.fashion_mnist import CLASS_NAMES, load_arrays
 from jaxclf.data.transforms import PreprocessSpec, preprocess_batch
 from jaxclf.evaluate import metrics as M
@@ -104,21 +108,30 @@ def gateway_predictions(export_dir: str, images: list[np.ndarray]) -> list[dict]
 
 
 def check_served_agreement(run_dir: str, record: dict, test_data: str, test_x: np.ndarray,
-                           tmp_path, *, min_agreement: float = 0.999, max_gap: float = 0.001):
+                           tmp_path, *, min_agreement: float = 0.999, max_gap: float = 0.001,
+                           min_accuracy: float = 0.6):
   from jaxclf.evaluate.evaluate import evaluate_model
   from jaxclf.evaluate.schema import read_metrics
   from jaxclf.export.onnx import export_run, ort_session
   from jaxclf.train.checkpoints import load_inference
 
-  temperature = ensure_temperature(run_dir, record)
+  # --- first, a model that learned: agreement on labels, and equal accuracies, mean nothing for
+  # a model that predicts one class (10% here, and every path agrees with every other on it).
   run_test = record["metrics"]["test"]
+  assert run_test["accuracy"] >= min_accuracy, (
+      f"the run's test accuracy {run_test['accuracy']:.2%} is not well above chance (10%): "
+      "train a model that learned before checking that its served copy agrees with it")
+  temperature = ensure_temperature(run_dir, record)
+  # T must be fitted, and far enough from 1 that applying it zero times or twice shows below.
+  assert T_MIN < temperature < T_MAX and abs(temperature - 1.0) > 0.02, (
+      f"temperature {temperature}: at a bound or too close to 1 to check that it is applied once")
   export_dir = str(tmp_path / "export")
   result = export_run(run_dir, export_dir, parity_count=64, reference_count=512)
   meta = result.metadata
 
   # --- the export records T once, in the graph, and presents the single-view accuracy.
   assert meta["calibration"]["temperature"] == pytest.approx(temperature)
-  assert meta["calibration"]["applied_in_graph"] == (temperature != 1.0)
+  assert meta["calibration"]["applied_in_graph"] is True
   with open(os.path.join(export_dir, "preprocessing.json")) as f:
     assert PreprocessSpec.from_json(f.read()).temperature == pytest.approx(temperature)
   assert meta["accuracy"]["test"] == run_test["accuracy"]
@@ -137,11 +150,12 @@ def check_served_agreement(run_dir: str, record: dict, test_data: str, test_x: n
     assert ts["temperature"] == pytest.approx(temperature)
     assert ts["ece_after"] == doc["test"]["calibration"]["ece"]
     html = open(ev.report_path, encoding="utf-8").read()
-    if temperature != 1.0:
-      assert "ECE before calibration" in html and "Temperature scaling" in html
+    assert "ECE before calibration" in html and "Temperature scaling" in html
   np.testing.assert_array_equal(ev_onnx.labels, ev_ckpt.labels)
   np.testing.assert_array_equal(ev_onnx.example_index, ev_ckpt.example_index)
   pred_onnx, pred_ckpt = ev_onnx.logits.argmax(1), ev_ckpt.logits.argmax(1)
+  # The labels agreed on are a classifier's: most classes predicted, most predictions right.
+  assert len(np.unique(pred_ckpt)) >= 8, np.bincount(pred_ckpt, minlength=len(CLASS_NAMES))
   agreement = float((pred_onnx == pred_ckpt).mean())
   assert agreement >= min_agreement, f"ONNX and JAX agree on {agreement:.4%} of test images"
   np.testing.assert_allclose(ev_onnx.logits, ev_ckpt.logits, atol=1e-4)
@@ -166,8 +180,8 @@ def check_served_agreement(run_dir: str, record: dict, test_data: str, test_x: n
                              rtol=1e-5)
   assert ts_ckpt["ece_before"] == pytest.approx(M.top1_calibration(y, M.softmax(raw_rows))["ece"],
                                                 abs=1e-6)
-  fitted = record.get("calibration") or {}
-  if "test_ece_before" in fitted:  # the loop's own test figures, on the same images
+  fitted = record.get("calibration")
+  if fitted:  # the loop calibrated: its own test figures, on the same images
     assert ts_ckpt["ece_before"] == pytest.approx(fitted["test_ece_before"], abs=1e-4)
     assert ts_ckpt["ece_after"] == pytest.approx(fitted["test_ece_after"], abs=1e-4)
 
@@ -177,10 +191,10 @@ def check_served_agreement(run_dir: str, record: dict, test_data: str, test_x: n
   onnx_logits = session.run(["logits"], {"images": preprocess_batch(list(sample), inf.spec)})[0]
   want = M.softmax(onnx_logits)
   np.testing.assert_allclose(want, M.softmax(raw[:GATEWAY_IMAGES] / temperature), atol=1e-5)
-  if abs(temperature - 1.0) > 0.02:  # T once, not zero times or twice
-    gap = np.abs(want - M.softmax(raw[:GATEWAY_IMAGES])).max()
-    gap2 = np.abs(want - M.softmax(raw[:GATEWAY_IMAGES] / temperature ** 2)).max()
-    assert gap > 1e-3 and gap2 > 1e-3, (gap, gap2)
+  # T once, not zero times or twice (|T - 1| > 0.02 was asserted above).
+  gap = np.abs(want - M.softmax(raw[:GATEWAY_IMAGES])).max()
+  gap2 = np.abs(want - M.softmax(raw[:GATEWAY_IMAGES] / temperature ** 2)).max()
+  assert gap > 1e-3 and gap2 > 1e-3, (gap, gap2)
   for body, p in zip(gateway_predictions(export_dir, list(sample)), want):
     top = body["predictions"][0]
     assert top["index"] == int(p.argmax()) and top["label"] == CLASS_NAMES[top["index"]]

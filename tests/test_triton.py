@@ -413,27 +413,26 @@ def test_perf_analyzer_drives_the_classifier_with_its_own_random_data(served, tm
     time.sleep(0.5)
 
 
-# A trained model, so that "classifies correctly" means something. configs/cnn.py:tiny as it is
-# (SGD lr 0.2, 2 epochs on 512 images) diverges to about 4% test accuracy at this size; lr 0.02
-# for 4 epochs reaches about 74% (512 test images, measured), in about 25 s on 2 cores.
-TRAINED_OVERRIDES = ("train.tta_flip=false", "optimizer.learning_rate=0.02", "train.num_epochs=4")
+# A trained model, so that "classifies correctly" means something: the session's run of
+# configs/cnn.py:tiny as committed (tests/conftest.py single_view_tiny_run, shared with
+# test_served_agreement.py and the notebooks; about 77% on its 512 test images,
+# tests/test_train.py::test_the_tiny_config_learns), so no training of its own here.
 CLIENT_IMAGES = range(2000, 2048)  # Fashion-MNIST test images outside the tiny run's test subset
 
 
 @pytest.fixture(scope="module")
-def trained_classifier(tmp_path_factory):
+def trained_classifier(single_view_tiny_run, tmp_path_factory):
   """The trained tiny run, exported (`export_run`, as `jaxclf export` does) and served as
   `fashion` alone by a real tritonserver; the client images are real test PNGs."""
   from PIL import Image
 
-  from conftest import train_tiny_run
   from jaxclf.data.sources.fashion_mnist import load_arrays
   from jaxclf.export.onnx import export_run
   from jaxclf.export.triton import TritonServer, write_model_repository
   env = _serving_env()
   tmp = tmp_path_factory.mktemp("triton-standard")
-  record = train_tiny_run(str(tmp / "run"), list(TRAINED_OVERRIDES))
-  export = export_run(str(tmp / "run"), str(tmp / "export")).out_dir
+  run_dir, record = single_view_tiny_run
+  export = export_run(run_dir, str(tmp / "export")).out_dir
   write_model_repository(export, str(tmp / "repo"), "fashion", 1)
   x, y = load_arrays()["test"]
   paths = []
