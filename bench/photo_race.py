@@ -302,11 +302,21 @@ def main():
                       "--set train.batch_size=16; repeatable")
   p.add_argument("--sides", default="jaxclf,torch")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per child")
+  p.add_argument("--warm-cache", action="store_true",
+                 help="keep jaxclf's compilation cache from earlier races (default: start empty, "
+                      "so the first seed pays every compilation, as a user's first run does)")
   a = p.parse_args()
   t_start = time.time()
   py = venv_python()
   out = os.path.abspath(a.out)
   os.makedirs(out, exist_ok=True)
+  # jaxclf's persistent compilation cache (jaxclf/ops/compile_cache.py), in the race's own folder:
+  # empty at the start unless --warm-cache, so seed 0 compiles everything and later seeds reuse it.
+  cache = os.path.join(out, "xla_cache")
+  if not a.warm_cache:
+    import shutil  # noqa: PLC0415
+    shutil.rmtree(cache, ignore_errors=True)
+  os.environ["JAXCLF_COMPILATION_CACHE"] = cache
   ds, data_info = prepare_data(out, a.per_class, a.data_seed, py)
   log(f"data: {data_info['splits']} ({data_info['ingested']})")
   config = f"configs/photos.py:size={a.size}"
@@ -324,7 +334,9 @@ def main():
     for side in (sides if i % 2 == 0 else sides[::-1]):  # alternate the order seed by seed
       wd = os.path.join(out, f"{side}_seed{seed}")
       if side == "jaxclf":
+        warm = bool(os.path.isdir(cache) and os.listdir(cache))
         runs[seed][side] = run_jaxclf(py, config, overrides, wd, a.timeout, frozen_end)
+        runs[seed][side]["compilation_cache"] = "warm" if warm else "cold (empty)"
       else:
         runs[seed][side] = run_torch(py, ds, targs, wd, a.workers, a.timeout)
       r = runs[seed][side]

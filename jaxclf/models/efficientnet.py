@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -80,8 +81,9 @@ def round_repeats(repeats: int, depth: float) -> int:
 
 # 'auto': the model's conv_impl decides (oneDNN's depthwise primitive when it resolves to
 # 'onednn', taps elsewhere on CPU, XLA's grouped convolution off CPU); 'onednn' | 'taps' | 'xla'
-# force one (read at trace time; bench/lite0_step.py times them in one run).
-DEPTHWISE_IMPL = "auto"
+# force one (read at trace time; bench/lite0_step.py times them in one run; JAXCLF_DEPTHWISE_IMPL
+# sets it for a benchmark's child process).
+DEPTHWISE_IMPL = os.environ.get("JAXCLF_DEPTHWISE_IMPL", "auto")
 DEPTHWISE_IMPLS = ("auto", "onednn", "taps", "xla")
 
 
@@ -127,8 +129,8 @@ def depthwise_taps(x, kernel, stride: int):
 
 # BatchNorm's training pass: 'auto' follows the model's conv_impl (oneDNN's primitive when it
 # resolves to 'onednn'); 'xla' keeps layers.BatchNorm's XLA arithmetic (read at trace time, for
-# bench/lite0_step.py's A/B).
-BATCHNORM_IMPL = "auto"
+# bench/lite0_step.py's A/B; JAXCLF_EFFICIENTNET_BN for a benchmark's child process).
+BATCHNORM_IMPL = os.environ.get("JAXCLF_EFFICIENTNET_BN", "auto")
 
 
 def resolve_depthwise_impl(conv_impl: str) -> str:
