@@ -24,12 +24,13 @@
 The default budget: --per-class 250 (2,500 images -> 2,000 train / 250 val / 250 test),
 --size 128, --epochs 6 (configs/photos.py's 10 reduced; 2 of them frozen, as in the config),
 applied identically to both sides. 4 unfrozen epochs x 2,000 images = 8,000 augmented train
-images per side-seed: ~160 s at 50 img/s, ~400-500 s at 16-20 img/s, plus start-up (jaxclf: 30-45 s
-of imports, model init and compilation), the feature pass (2,000 forward passes), 6 validation
-passes (250 each) and the test pass. Estimate on a quiet 2-core machine, at the speeds of the
-issue's table (Lite0 at 128 px: jaxclf 16-18 img/s, PyTorch 48-55): about 10 min for a jaxclf
-side-seed and 3-4 min for a torch one, so ~26 min for --seeds 0,1 (~15 min once jaxclf matches
-PyTorch); the first run also builds and ingests the data (~1 min). Under other load, much more.
+images per side-seed, plus start-up (jaxclf: imports, model init and compilation; its
+persistent compilation cache starts empty here, so seed 0 pays it all and seed 1 reuses it, as a
+user's second run would: --warm-cache keeps an earlier race's), the feature pass (2,000 forward
+passes), 6 validation passes (250 each) and the test pass. Measured on a quiet 2-core AVX-512
+machine, 2026-12-07 (bench/measured/photo_race.json): jaxclf 197 s (cold) / 163 s (warm), PyTorch
+151 / 153 s, about 12 min for --seeds 0,1 with the data already built (~1 min more to build and
+ingest it). Under other load, much more.
 
 Output (stdout and OUT/race.json): per side and seed the test accuracy, wall and details
 (jaxclf: run.json's duration, the feature-cache seconds, conv_impl, and the trainer's logged
