@@ -28,8 +28,8 @@ images per side-seed, plus start-up (jaxclf: imports, model init and compilation
 persistent compilation cache starts empty here, so seed 0 pays it all and seed 1 reuses it, as a
 user's second run would: --warm-cache keeps an earlier race's), the feature pass (2,000 forward
 passes), 6 validation passes (250 each) and the test pass. Measured on a quiet 2-core AVX-512
-machine, 2026-12-07 (bench/measured/photo_race.json): jaxclf 197 s (cold) / 163 s (warm), PyTorch
-151 / 153 s, about 12 min for --seeds 0,1 with the data already built (~1 min more to build and
+machine, 2026-12-07 (bench/measured/photo_race.json): jaxclf 175 s (cold) / 156 s (warm), PyTorch
+153 / 154 s, about 11 min for --seeds 0,1 with the data already built (~1 min more to build and
 ingest it). Under other load, much more.
 
 Output (stdout and OUT/race.json): per side and seed the test accuracy, wall and details
