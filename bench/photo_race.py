@@ -289,6 +289,18 @@ def summarise(runs: dict) -> dict:
   }
 
 
+def repo_relative(obj):
+  """`obj` with every path inside this checkout written relative to it (race.json is committed
+  under bench/measured/ and must not name the machine it ran on)."""
+  if isinstance(obj, dict):
+    return {k: repo_relative(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [repo_relative(v) for v in obj]
+  if isinstance(obj, str) and REPO + os.sep in obj:
+    return obj.replace(REPO + os.sep, "")
+  return obj
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", default="0,1")
@@ -350,6 +362,7 @@ def main():
                      "race_s": round(time.time() - t_start, 1), "args": vars(a)}}
   if set(sides) == {"jaxclf", "torch"}:
     result["summary"] = summarise(runs)
+  result = repo_relative(result)
   with open(os.path.join(out, "race.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps(result.get("summary", result["runs"]), indent=1))
