@@ -4,7 +4,29 @@ import os
 import time
 
 
+def provenance() -> dict:
+  """What a committed result needs to be checked later: the commit (and whether the tree had
+  uncommitted changes), the UTC date, the command line and the CPU it ran on."""
+  import platform
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+              if line.startswith("model name")), platform.processor()) \
+      if os.path.exists("/proc/cpuinfo") else platform.processor()
+  return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+          "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "command": " ".join([os.path.relpath(sys.argv[0], root), *sys.argv[1:]]),
+          "cpu": cpu, "cores": os.cpu_count()}
+
+
 def emit(result: dict, out: str | None) -> None:
+  """Prints `result` as JSON and writes it to `out` (if given), with its provenance added."""
+  result = {**result, "provenance": provenance()}
   text = json.dumps(result, indent=2)
   print(text)
   if out:

@@ -3,7 +3,7 @@ and pass, and a whole anchor-CNN train step with each conv. Prints JSON.
 
   .venv/bin/python bench/conv.py                       # anchor-CNN layers at batch 256 + train step
   .venv/bin/python bench/conv.py --part layers --resnet --min-time 0.5
-  .venv/bin/python bench/conv.py --part step --steps 20 --out bench/results/conv.json
+  .venv/bin/python bench/conv.py --part step --steps 20 --out docs/results/conv.json
 
 Per layer and pass (forward; backward-data = dL/dx; backward-weights = dL/dkernel), median ms per
 call of a jitted function (XLA: the pass alone, the rest of the VJP dead-code-eliminated; oneDNN:
@@ -229,7 +229,7 @@ def main():
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--no-torch", action="store_true")
-  p.add_argument("--out")
+  p.add_argument("--out", default="docs/results/conv.json")
   a = p.parse_args()
   shapes = ANCHOR + (RESNET if a.resnet else [])
   if a.child:

@@ -1,7 +1,7 @@
 """Data benchmarks -> JSON on stdout (progress on stderr).
 
   python bench/data.py                      # ingest + loader throughput (~2 min on 2 cores)
-  python bench/data.py --images 4000        # the FINDINGS.md anchor size
+  python bench/data.py --images 4000        # a larger set
   python bench/data.py --larger-than-ram    # stream one epoch over >= 4 GB, report peak RSS
   python bench/data.py --cases photo        # only the photo-size cases (4. below)
   python bench/data.py --cases photo --photo-data DIR   # on an ingested dataset (photo_race's)
@@ -15,7 +15,7 @@
    rounds alternate between the two, and the ratio is Grain / torch (> 1: Grain faster).
 3. --larger-than-ram: writes >= --gb GB of encoded JPEG records as shards, then a fresh process
    streams one globally shuffled epoch through Grain (decode + augment) and reports its peak RSS.
-4. photo (issue 26, "the input side at photo sizes"): JPEG decode + random-resized-crop (0.35-1)
+4. photo (the input side at photo sizes): JPEG decode + random-resized-crop (0.35-1)
    + flip + brightness/contrast/saturation jitter 0.2 + the weights' normalisation at 128 and
    224 px, batch 32: exactly what training with configs/photos.py runs, i.e. jaxclf's own Grain
    pipeline (pipeline.train_dataset + pipeline.TrainTransform from the resolved config,

@@ -1,7 +1,7 @@
 """Data-parallel training throughput: 1 process vs 2 processes (jax.distributed on 127.0.0.1),
 a simulated 4-device mesh, and bfloat16 vs float32 compute, all in one run -> JSON.
 
-  .venv/bin/python bench/distributed.py [--steps 20] [--batch 256] [--out bench/results/distributed.json]
+  .venv/bin/python bench/distributed.py [--steps 20] [--batch 256] [--out docs/results/distributed.json]
       [--trainer-steps 192] [--no-trainer]
 
 Every case trains the default CNN (configs/cnn.py's model, conv on oneDNN where float32) with the
@@ -187,7 +187,7 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default="docs/results/distributed.json")
   p.add_argument("--trainer-steps", type=int, default=192)
   p.add_argument("--no-trainer", action="store_true", help="only the step-level cases")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -117,7 +117,7 @@ def kernel_selection() -> dict:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--out", default="bench/results/gpu_check.json")
+  p.add_argument("--out", default="docs/results/gpu_check.json")
   a = p.parse_args()
   res = {"jax": jax.__version__, "backend": jax.default_backend(),
          "devices": [str(d) for d in jax.devices()], "kernels": kernel_selection(), "cases": []}

@@ -21,9 +21,8 @@ and its worker processes) every 0.2 s: `peak_rss_mb` is the largest sum seen,
    time, img/s and peak RSS per step, and the dataset's manifest.json + Parquet index size
    against the one-file (format_version 1) manifest of the same records. --max-rss-mb stops a
    step whose process tree outgrows it (recorded as "stopped"); --out is rewritten after each
-   step; a kept --work folder reuses its PNGs. The 1M run (48.5 min on 2 shared cores):
-     nice -n 10 python bench/ingest.py --case million --work SCRATCH_DIR \
-       --max-rss-mb 12000 --out bench/results/ingest_million.json
+   step; a kept --work folder reuses its PNGs. The 1M run (about an hour on 2 cores):
+     nice -n 10 python bench/ingest.py --case million --work SCRATCH_DIR --max-rss-mb 12000
 """
 from __future__ import annotations
 
@@ -241,9 +240,8 @@ def main(argv=None) -> int:
                   help="compare: both engines skip the dHash report (bench/data.py's synthetic "
                        "images are smooth fields: 20,000 of them give 8.4 M near pairs)")
   ap.add_argument("--steps", default="250000,500000,1000000", help="million: dataset sizes")
-  # in_memory by default for the million case: at 20k tiny images (2 busy cores) it peaked at
-  # 399 MB, multi_processing with 2 workers at 1,197 MB summed over its 3 processes, at about the
-  # same img/s; the worker processes each grow with the data they are handed.
+  # in_memory by default for the million case: multi_processing ran at about the same img/s with
+  # a larger peak RSS summed over its processes, which each grow with the data they are handed.
   ap.add_argument("--beam-workers", type=int, default=1, help="million: DirectRunner workers")
   ap.add_argument("--beam-mode", default="in_memory",
                   choices=("multi_processing", "multi_threading", "in_memory"),
@@ -251,7 +249,7 @@ def main(argv=None) -> int:
   ap.add_argument("--max-rss-mb", type=float, default=0,
                   help="million: kill a step whose process tree passes this RSS (0: no limit)")
   ap.add_argument("--work", default="", help="scratch folder (default: a temp dir, removed)")
-  ap.add_argument("--out", default="", help="also write the JSON here")
+  ap.add_argument("--out", default="docs/results/ingest.json", help="also write the JSON here")
   args = ap.parse_args(argv)
   work = args.work or tempfile.mkdtemp(prefix="jaxclf-bench-ingest-")
   try:

@@ -3,7 +3,7 @@ BatchNorm and max pool on XLA or on oneDNN (the convolutions on oneDNN in every 
 alternating short blocks so that background load hits every variant alike. Prints JSON.
 
   .venv/bin/python bench/levers_ab.py                          # 12 rounds of 3 steps per variant
-  .venv/bin/python bench/levers_ab.py --rounds 20 --out bench/results/levers_ab.json
+  .venv/bin/python bench/levers_ab.py --rounds 20 --out docs/results/levers_ab.json
 
 Variants (every one is the same maths; tests/test_layers.py checks it):
   conv_only   conv forward/backward on oneDNN; BatchNorm (hand-written backward) and pool in XLA
@@ -78,7 +78,7 @@ def main():
   p.add_argument("--rounds", type=int, default=12)
   p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
   p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--out")
+  p.add_argument("--out", default="docs/results/levers_ab.json")
   a = p.parse_args()
   load_start = os.getloadavg()
   variants, b = build_variants(a.batch)

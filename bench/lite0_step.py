@@ -1,7 +1,7 @@
 """Where EfficientNet-Lite0's train step spends its time on CPU, lever by lever, in one run: the
 photo path (configs/photos.py: RGB, `--size` px) or the grey transfer path (--config transfer).
 
-  .venv/bin/python bench/lite0_step.py --size 128 --out bench/results/lite0_step.json
+  .venv/bin/python bench/lite0_step.py --size 128 --out docs/results/lite0_step.json
   .venv/bin/python bench/lite0_step.py --config transfer --size 64     # the grey 64 px recipe
 
 Rows (ms per call, images/s; synthetic data, after warm-up, one process, same batch):
@@ -147,7 +147,7 @@ def main():
   p.add_argument("--config", choices=("photos", "transfer"), default="photos")
   p.add_argument("--min-time", type=float, default=2.0)
   p.add_argument("--skip-convs", action="store_true", help="no per-conv breakdown (faster)")
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default="docs/results/lite0_step.json")
   a = p.parse_args()
   res = {"host_cpus": os.cpu_count(), "batch": a.batch, "size": a.size, "config": a.config,
          "onednn": onednn.available(), "load_avg_start": os.getloadavg(), "rows": {}}

@@ -28,7 +28,7 @@ images per side-seed, plus start-up (jaxclf: imports, model init and compilation
 persistent compilation cache starts empty here, so seed 0 pays it all and seed 1 reuses it, as a
 user's second run would: --warm-cache keeps an earlier race's), the feature pass (2,000 forward
 passes), 6 validation passes (250 each) and the test pass. Measured on a quiet 2-core AVX-512
-machine, 2026-12-07 (bench/measured/photo_race.json): jaxclf 175 s (cold) / 156 s (warm), PyTorch
+machine, 2026-12-07 (docs/results/photo_race.json): jaxclf 175 s (cold) / 156 s (warm), PyTorch
 153 / 154 s, about 11 min for --seeds 0,1 with the data already built (~1 min more to build and
 ingest it). Under other load, much more.
 
@@ -291,7 +291,7 @@ def summarise(runs: dict) -> dict:
 
 def repo_relative(obj):
   """`obj` with every path inside this checkout written relative to it (race.json is committed
-  under bench/measured/ and must not name the machine it ran on)."""
+  under docs/results/ and must not name the machine it ran on)."""
   if isinstance(obj, dict):
     return {k: repo_relative(v) for k, v in obj.items()}
   if isinstance(obj, list):

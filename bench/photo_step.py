@@ -22,9 +22,9 @@ RGB at 64-224 px, 10 classes, synthetic data. Three phases of a fine-tune, each 
             depth) and optimizer.lr_mults backbone=0.1 (param groups); PyTorch: model.eval(),
             every parameter in the optimizer, the backbone's groups at 0.1x the rate
 
-  .venv/bin/python bench/photo_step.py --out bench/results/photo_step.json
+  .venv/bin/python bench/photo_step.py --out docs/results/photo_step.json
                                          # the default cases (below), all three phases
-  .venv/bin/python bench/photo_step.py --case all --out bench/results/photo_step_all.json
+  .venv/bin/python bench/photo_step.py --case all --out docs/results/photo_step_all.json
   .venv/bin/python bench/photo_step.py --case lite0_128 --case lite0_224 --phase train
   .venv/bin/python bench/photo_step.py --case resnet50_128 --conv-impl xla --conv-impl onednn
                                          # conv levers, each beside PyTorch, one run
@@ -71,7 +71,7 @@ loaded run flatters jaxclf.
 
 Cost: the default run (4 cases x 3 phases x 2 frameworks x --repeats 2 = 48 children, --steps 10
 --warmup 3) should take about 15 minutes on 2 quiet cores, `--case all` (96 children) about 40
-(estimated from issue 26's step times, not yet measured quiet); jaxclf's compile (up to ~25 s
+(estimated, not measured quiet); jaxclf's compile (up to ~25 s
 for a Lite0 / B0 train step) is a large part of each child. Absolute numbers
 differ ~2x between machines of the same kind: only the ratios are results.
 """
@@ -103,7 +103,7 @@ CASES = {
     "resnet50_224": ("resnet50", {"stem": "imagenet"}, ("ResNet50", {}), 224, 16),
     "vgg11_64": ("vgg11", {}, ("VGG11BN", {}), 64, 32),
 }
-# The default run: the rows of issue 26's table (a ~15 minute run on 2 quiet cores); `--case all`
+# The default run: one case per architecture family (a ~15 minute run on 2 quiet cores); `--case all`
 # runs every case (~40 minutes).
 DEFAULT_CASES = ("lite0_128", "resnet18_128", "resnet50_128", "vgg11_64")
 PHASES = ("train", "frozen", "features", "unfrozen")
@@ -313,7 +313,7 @@ def main():
                       "extra environment); repeat to compare sets in one run (each crossed with "
                       "every --conv-impl)")
   p.add_argument("--child-timeout", type=float, default=1800, help="seconds per child")
-  p.add_argument("--out")
+  p.add_argument("--out", default="docs/results/photo_step.json")
   a = p.parse_args()
   impls = a.conv_impl or ["auto"]
   if a.child:

@@ -11,15 +11,18 @@ both alike), each in its own fresh process:
   * PyTorch: bench/torch_anchor.py, the anchor of shared/design/FINDINGS.md ("Anchors the
     project must beat": VGG-style CNN 32-32-M-64-64-M-128-M, SGD-Nesterov one-cycle, batch 256,
     translate + flip, 10 epochs), on jaxclf's own Fashion-MNIST split (the same 54k train / 6k
-    val, carved by jaxclf.data.splits.carve_validation; checked below against the jaxclf run's
-    config.json).
-  * jaxclf: `python -m jaxclf.main --config=configs/cnn.py --workdir=<fresh tmp>/jax_s{S}
-    --config.seed=S` (plus --config.train.num_epochs=1 under --quick, and any --jax-set
-    overrides), then its run.json: metrics.test (on the best-by-val checkpoint, as jaxclf
-    reports it; with flip TTA when the config's train.tta_flip is on), metrics.val, history.
+    val, carved by jaxclf.data.splits.carve_validation). split_check compares a hash of the rows
+    each side actually used (bench/row_hash.py): the anchor's train/val/test arrays, and the
+    Dataset jaxclf's training loop was handed (bench/jax_rows.py runs jaxclf.main with that hook).
+  * jaxclf: bench/jax_rows.py, i.e. `python -m jaxclf.main --config=configs/cnn.py
+    --workdir=<fresh tmp>/jax_s{S} --config.seed=S` and the row hashes (plus
+    --config.train.num_epochs=1 under --quick, and any --jax-set overrides), then its run.json:
+    metrics.test (on the best-by-val checkpoint, as jaxclf reports it; with flip TTA when the
+    config's train.tta_flip is on), metrics.val, history.
   * wall_s: from just before the child is started to the final test accuracy (PyTorch: the
     timestamp the child prints right after its test accuracy; jaxclf: the process exit, so it
-    includes jax import, compilation, checkpointing and the test evaluation).
+    includes jax import, compilation, checkpointing and the test evaluation); on both sides less
+    the seconds the split_check row hashing took (each side reports them).
   * time_to_target_s: wall time at which per-epoch val accuracy first reaches --target (0.93);
     null if never reached (or, for jaxclf, if run.json's history has no per-epoch wall_time).
   * curve: per epoch (epoch, val_acc, elapsed_s); images_per_s = train images seen / wall_s
@@ -173,6 +176,8 @@ def run_torch(seed: int, epochs: int, target: float, workroot: str) -> dict:
     out["error"] = f"exit {rc}"
     out["log_tail"] = _tail(logf)
     return out
+  # The row hashing (for split_check) ran before training: its seconds are not the recipe's.
+  t0 += float((result.get("data") or {}).get("rows_hash_s") or 0.0)
   curve = [{"epoch": e["epoch"], "val_acc": _r(e["val_accuracy"]),
             "elapsed_s": round(e["t"] - t0, 2)} for e in events if e.get("event") == "epoch"]
   wall = (test_ev["t"] - t0) if test_ev else (t_exit - t0)
@@ -204,8 +209,11 @@ def run_jax(seed: int, config: str, overrides: list[str], quick: bool, target: f
   if os.path.exists(workdir):
     raise RuntimeError(f"{workdir} exists: refusing to resume a previous run")
   logf = os.path.join(workroot, f"jax_s{seed}.log")
-  cmd = [sys.executable, "-m", "jaxclf.main", f"--config={config}", f"--workdir={workdir}",
-         f"--config.seed={seed}"]
+  rows_json = os.path.join(workroot, f"jax_s{seed}.rows.json")
+  # jaxclf.main as `python -m jaxclf.main` runs it, plus a hash of the rows its training loop was
+  # handed (bench/jax_rows.py); the hashing's seconds come off wall_s below.
+  cmd = [sys.executable, os.path.join(HERE, "jax_rows.py"), rows_json, f"--config={config}",
+         f"--workdir={workdir}", f"--config.seed={seed}"]
   if quick:
     cmd.append("--config.train.num_epochs=1")
   cmd += [f"--config.{kv}" for kv in overrides]
@@ -236,6 +244,12 @@ def run_jax(seed: int, config: str, overrides: list[str], quick: bool, target: f
   except (OSError, json.JSONDecodeError):
     cfg = None
   out["config_json"] = {"path": cfg_path, "contents": cfg}
+  try:
+    with open(rows_json) as f:
+      out["data_rows"] = json.load(f)
+    t_exit -= out["data_rows"]["hash_s"]
+  except (OSError, json.JSONDecodeError, KeyError):
+    out["data_rows"] = None
   test = ((run or {}).get("metrics") or {}).get("test")
   if rc != 0 or run is None or not test:
     out.setdefault("error", f"exit {rc}; status {(run or {}).get('status')}; "
@@ -281,32 +295,20 @@ def run_jax(seed: int, config: str, overrides: list[str], quick: bool, target: f
 
 
 def split_check(torch_run: dict | None, jax_run: dict | None) -> dict:
-  """Recomputes jaxclf's carve from the jaxclf run's own config.json and compares its index
-  hashes with those the PyTorch child trained on."""
-  res: dict = {"match": None}
-  if not torch_run or "data" not in torch_run:
-    return {**res, "note": "no PyTorch data info"}
-  res["torch"] = torch_run["data"]
-  cfg = ((jax_run or {}).get("config_json") or {}).get("contents")
-  if not cfg:
-    return {**res, "note": "no jaxclf config.json"}
-  d = cfg.get("data", {})
-  res["jaxclf_config"] = {k: d.get(k) for k in ("source", "val_fraction", "split_seed",
-                                                "limit_per_split")}
-  if d.get("source") != "fashion_mnist" or int(d.get("limit_per_split") or 0):
-    return {**res, "match": False, "note": "jaxclf does not use the full fashion_mnist source"}
-  sys.path.insert(0, ROOT)
-  import numpy as np
-  from jaxclf.data.sources import fashion_mnist
-  from jaxclf.data.splits import carve_validation
-  y = fashion_mnist.load_arrays(None)["train"][1]
-  tr, va = carve_validation(y, float(d["val_fraction"]), int(d["split_seed"]))
-  sha = lambda a: hashlib.sha256(np.asarray(a, np.int64).tobytes()).hexdigest()  # noqa: E731
-  res["match"] = (sha(tr) == torch_run["data"]["train_index_sha256"]
-                  and sha(va) == torch_run["data"]["val_index_sha256"])
-  counts = ((jax_run or {}).get("dataset") or {}).get("counts")
-  if counts:
-    res["jaxclf_counts"] = counts
+  """Compares the hashes of the rows each side actually used (bench/row_hash.py): what
+  bench/torch_anchor.py built its tensors from, and what jaxclf's training loop was handed
+  (bench/jax_rows.py). match: every split of both sides hashed, and each the same."""
+  torch_rows = ((torch_run or {}).get("data") or {}).get("rows_sha256")
+  jax_rows = ((jax_run or {}).get("data_rows") or {}).get("rows_sha256")
+  res: dict = {"match": None, "pytorch": torch_rows, "jaxclf": jax_rows}
+  if not torch_rows or not jax_rows:
+    return {**res, "note": "a side reported no row hashes: nothing to compare"}
+  splits = sorted(set(torch_rows) | set(jax_rows))
+  res["per_split"] = {k: torch_rows.get(k) is not None and torch_rows.get(k) == jax_rows.get(k)
+                      for k in splits}
+  res["match"] = all(res["per_split"].values())
+  res["counts"] = {"pytorch": (torch_run.get("data") or {}).get("counts"),
+                   "jaxclf": (jax_run.get("data_rows") or {}).get("counts")}
   return res
 
 
@@ -379,7 +381,7 @@ def main() -> None:
   p.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
   p.add_argument("--quick", action="store_true", help="1 epoch per side (development)")
   p.add_argument("--target", type=float, default=0.93, help="val accuracy for time-to-target")
-  p.add_argument("--out", default=os.path.join("bench", "results", "race.json"))
+  p.add_argument("--out", default=os.path.join("docs", "results", "race.json"))
   p.add_argument("--only", choices=("torch", "jax"))
   p.add_argument("--torch-epochs", type=int, help="default 10 (1 under --quick)")
   p.add_argument("--jax-config", default=DEFAULT_JAX_CONFIG, help="PATH[:arg]")

@@ -1,7 +1,7 @@
 """Load test of the REST gateway with a real load generator (wrk) on 127.0.0.1 -> JSON.
 
   python bench/serve.py                       # builds a cnn export, runs every phase
-  python bench/serve.py --model-path exports/cnn --duration 10 --out bench/results/serve.json
+  python bench/serve.py --model-path exports/cnn --duration 10 --out docs/results/serve.json
 
 Every phase posts the same 28x28 PNG (a Fashion-MNIST test image) as multipart to /v1/predict:
   baseline_in_process      decode + preprocess + onnxruntime in this process, no HTTP (the floor)
@@ -9,7 +9,7 @@ Every phase posts the same 28x28 PNG (a Fashion-MNIST test image) as multipart t
   embedded_no_batching     the same with --no-micro-batching
   triton                   `jaxclf serve --backend triton` -> tritonserver's fashion_image ensemble
                            (gRPC), when the serving venv exists (scripts/setup_serving_env.sh)
-  levers.NAME              embedded_batching with one setting changed (issue #10), e.g.
+  levers.NAME              embedded_batching with one setting changed, e.g.
                            router_path (--no-predict-fast-path: through the FastAPI router),
                            decode_in_thread_pool, workers_2, max_wait_0/5, max_batch_8,
                            gil_switch_0_5ms, otel_telemetry_on, request_log_on; --levers
@@ -24,7 +24,7 @@ mean of ORT measured before and after the gateway phases): on this shared 2-core
 speed drifts with the load, recorded as loadavg around each run. `--repeats N` runs all phases N
 times in turn and reports each phase's median round.
 Each wrk run is bounded by time (--duration) and by count (--max-requests per connection thread,
-enforced in the Lua script), and wrk itself has a hard timeout. Goals (issue #6): embedded p99 at
+enforced in the Lua script), and wrk itself has a hard timeout. Goals: embedded p99 at
 c=1 <= 5 ms; >= 1,500 images/s at c=16 with micro-batching.
 """
 from __future__ import annotations
@@ -389,7 +389,8 @@ NO_SERVING_VENV = {"skipped": "no serving venv: run scripts/setup_serving_env.sh
 @contextlib.contextmanager
 def triton_for(export_dir: Path, tmp: Path):
   """tritonserver serving `export_dir` as fashion v1 (the gateway then runs in SERVE_VENV_PY)."""
-  from jaxclf.export.triton import TritonServer, write_model_repository
+  from jaxclf.export.triton_repository import write_model_repository
+  from jaxclf.export.triton_server import TritonServer
   repo = tmp / "model_repository"
   write_model_repository(str(export_dir), str(repo), "fashion", 1)
   with TritonServer(str(repo), log_path=str(tmp / "triton.log")) as triton:
@@ -431,7 +432,7 @@ def main(argv=None) -> int:
                  help="rounds over all phases; each phase reports its median round by c16 img/s")
   p.add_argument("--levers", default=",".join(LEVERS),
                  help=f"comma-separated levers to measure ('' for none): {', '.join(LEVERS)}")
-  p.add_argument("--out", default=None, help="also write the JSON here")
+  p.add_argument("--out", default="docs/results/serve.json", help="also write the JSON here")
   args = p.parse_args(argv)
   tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
   try:

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
   p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per run")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-triton", action="store_true")
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default="docs/results/soak.json")
   args = p.parse_args(argv)
   from serving.settings import ServeSettings
   tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
@@ -199,12 +199,25 @@ def main(argv=None) -> int:
     result["onnx"] = soak("onnx", sys.executable, base, lua, args.duration, args.connections, tmp)
     result["triton"] = {"skipped": "--no-triton"} if args.no_triton else _triton(
         export_dir, base, lua, args, tmp)
-    result["ok"] = all(r.get("ok", True) for r in (result["onnx"], result["triton"]))
+    result.update(verdict({"onnx": result["onnx"], "triton": result["triton"]}))
     result["machine"]["loadavg_end"] = loadavg()
     emit(result, args.out)
+    print(f"soak: passed {result['passed'] or '-'}, failed {result['failed'] or '-'}, skipped "
+          f"{', '.join(f'{k} ({v})' for k, v in result['skipped'].items()) or '-'}",
+          file=sys.stderr)
     return 0 if result["ok"] else 1
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verdict(backends: dict[str, dict]) -> dict:
+  """Per backend: passed (its run said ok), failed (ran, and did not say ok) or skipped (did not
+  run; never counted as passing). ok: at least one backend ran and every one that ran passed."""
+  skipped = {k: r["skipped"] for k, r in backends.items() if "skipped" in r}
+  ran = {k: r for k, r in backends.items() if k not in skipped}
+  passed = sorted(k for k, r in ran.items() if r.get("ok") is True)
+  failed = sorted(k for k in ran if k not in passed)
+  return {"ok": bool(ran) and not failed, "passed": passed, "failed": failed, "skipped": skipped}
 
 
 def _triton(export_dir: Path, base: list[str], lua: Path, args, tmp: Path) -> dict:

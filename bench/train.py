@@ -2,7 +2,7 @@
 side by side in one invocation. Prints JSON.
 
   .venv/bin/python bench/train.py                 # default CNN, the anchor CNN, ResNet-18 (half width)
-  .venv/bin/python bench/train.py --repeats 3 --steps 30 --out bench/results/train.json
+  .venv/bin/python bench/train.py --repeats 3 --steps 30 --out docs/results/train.json
   .venv/bin/python bench/train.py --case cnn_anchor --conv-impl xla --conv-impl matmul --conv-impl onednn
                                                   # the conv levers, each beside PyTorch, one run
   .venv/bin/python bench/train.py --case cnn_default --conv-impl onednn_conv_only --conv-impl onednn
@@ -151,7 +151,7 @@ def main():
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--warmup", type=int, default=5)
   p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--out")
+  p.add_argument("--out", default="docs/results/train.json")
   p.add_argument("--conv-impl", action="append",
                  help="jaxclf conv gradient path(s) to measure: auto | xla | matmul | onednn "
                       "(repeat to compare levers in one run; default auto)")

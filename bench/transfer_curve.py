@@ -21,18 +21,17 @@ is the run's own best-by-validation checkpoint on 600 validation images (data.va
 never the test subset. Writes <out>.json (every run: accuracy, CI, train wall time, overrides)
 and <out>.png.
 
-The budget (about two hours on this 2-core CPU): 64 px, 12 epochs. Lite0 downsamples 32x, so 64 px
-is the smallest size with a 2x2 final map, at (64/224)^2 = 8% of the native cost. Measured by
-bench/lite0_step.py (bench/results/lite0_step.json, batch 32, 64 px, the machine shared with
-other jobs): a Lite0 train step 21.8 img/s with the depthwise convs as taps (2.1 img/s with XLA's
-grouped convolution, same run), the backbone forward 376 img/s, a cached head step 831 img/s.
-Image-steps of the Lite0 arms: pretrained (100+100+500+500+2000) x 10 unfrozen epochs = 32,000
-(the 2 frozen epochs are one cached forward per image), scratch x 12 = 38,400: about 54 minutes
-at 21.8 img/s; validation (600 images, 6 times) and the test subset add ~56,000 forward images
-(~3 min); compiles ~1.5 min per Lite0 run (~15 min); the CNN arm a few minutes. About 75 minutes
-at the measured (loaded-machine) rates, so it fits two hours with room. Measured (2026-12-02,
-docs/transfer_curve.json): 61 minutes of training and evaluation in all (one invocation of 38 min
-plus 8 points reused from an earlier one with the same configs, `--reuse`).
+The budget: 64 px, 12 epochs. Lite0 downsamples 32x, so 64 px is the smallest size with a 2x2
+final map, at (64/224)^2 = 8% of the native cost. Image-steps of the Lite0 arms: pretrained
+(100+100+500+500+2000) x 10 unfrozen epochs = 32,000 (the 2 frozen epochs are one cached forward
+per image), scratch x 12 = 38,400; `bench/lite0_step.py` measures the step rate that turns this
+into minutes on a given machine. The committed run's wall time is docs/transfer_curve.json's
+`wall_s` plus the `train_wall_s` of its reused points.
+
+--reuse DIR evaluates a point from DIR/<arm>_<size>_s<seed> instead of training it when that run
+finished with exactly the point's config. The point then records `reused: true`, `run_dir` (the
+reused directory), `git` and `trained_at` from that run's run.json, and `train_wall_s` = its
+`duration_s`; `reused_points` counts them.
 """
 from __future__ import annotations
 
@@ -177,6 +176,13 @@ def reusable_run(reuse_dir: str, name: str, config) -> str:
   return run_dir if same and set(then) <= set(now) and status == "completed" else ""
 
 
+def repo_relative(path: str) -> str:
+  """`path` relative to the checkout when it lies inside it: the committed JSON must not name
+  the machine it ran on."""
+  full = os.path.abspath(path)
+  return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else path
+
+
 def plan(smoke: bool, arms, sizes) -> list[tuple[str, int, int]]:
   runs = []
   for size in sizes:
@@ -220,13 +226,14 @@ def main():
       t0 = time.time()
       record = train_and_evaluate(config, run_dir)
       train_s = time.time() - t0
-    point = {"arm": arm, "size": size, "seed": seed, "run_dir": run_dir, "reused": bool(reused),
+    point = {"arm": arm, "size": size, "seed": seed, "run_dir": repo_relative(run_dir),
+             "reused": bool(reused),
              "train_wall_s": round(train_s, 1), "model": config.model.name,
              "image_size": int(config.preprocessing.image_size),
              "epochs": int(config.train.num_epochs), "batch": int(config.train.batch_size),
              "frozen_epochs": int(config.train.freeze_backbone_epochs),
-             "feature_cache": record.get("feature_cache"), "git": record.get("git"),
-             "test": evaluate(run_dir, x, y)}
+             "feature_cache": record.get("feature_cache"), "test": evaluate(run_dir, x, y),
+             "git": record.get("git"), "trained_at": record.get("start")}
     if a.headline and arm == "pretrained" and size == max(int(s) for s in a.sizes.split(",")):
       from jaxclf.data.sources.fashion_mnist import load_arrays
       fx, fy = load_arrays(None)["test"]
@@ -236,6 +243,7 @@ def main():
   result = {"command": " ".join(sys.argv), "host_cpus": os.cpu_count(),
             "wall_s": round(time.time() - t_all, 1), "test_subset": {
                 "per_class": a.test_per_class, "seed": TEST_SEED, "images": int(len(y))},
+            "reused_points": sum(p["reused"] for p in points),
             "points": points, "summary": summarise(points)}
   os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
   plot(points, a.out + ".png")

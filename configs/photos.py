@@ -2,11 +2,11 @@
 fine-tuned from EfficientNet-Lite0's ImageNet weights.
 
 Commands:
-  jaxclf data ingest ./my_photos --out data/photos          # decode-check, dedupe, split
-  python -m jaxclf.main --config=configs/photos.py --workdir=runs/photos \
-      --config.data.source=data/photos
-  python -m jaxclf.main --config=configs/photos.py:size=224 --workdir=runs/photos224 \
-      --config.data.source=data/photos                      # the weights' own resolution (GPU)
+  .venv/bin/jaxclf data ingest ./my_photos --out datasets/photos-v1     # decode-check, dedupe, split
+  .venv/bin/jaxclf train --config configs/photos.py --workdir runs/photos \\
+      --set data.source=datasets/photos-v1
+  .venv/bin/jaxclf train --config configs/photos.py:size=224 --workdir runs/photos224 \\
+      --set data.source=datasets/photos-v1                  # the weights' own size (GPU)
 
 What it sets (five keys a user would otherwise set by hand, plus the schedule):
   - 3 channels, `size` px (default 160; 128-224 is the sensible range: 224 is the weights'
@@ -20,8 +20,9 @@ What it sets (five keys a user would otherwise set by hand, plus the schedule):
     features of the UN-augmented images (a linear probe), then everything trains with the
     backbone at 0.1x the head's learning rate and BatchNorm kept on the ImageNet statistics.
 
-Expected: depends on your photos, so measure it on your own validation split. The recipe itself
-is measured on Fashion-MNIST in configs/transfer.py (docs/transfer_curve.json).
+Expected: depends on your photos, so measure it on your own validation split. At 128 px on 2,000
+generated RGB JPEGs it is bench/photo_race.py's jaxclf side (docs/results.md, photo fine-tune race);
+the recipe on Fashion-MNIST: configs/transfer.py.
 """
 import os
 

@@ -1,11 +1,11 @@
 """Transfer learning: EfficientNet-Lite0's ImageNet weights fine-tuned on Fashion-MNIST.
 
 Commands:
-  python -m jaxclf.main --config=configs/transfer.py --workdir=runs/tl            # 2,000 images
-  python -m jaxclf.main --config=configs/transfer.py:few_shot --workdir=runs/tl100 \
-      --config.data.limit_per_class=10                                            # 100 images
-  python -m jaxclf.main --config=configs/transfer.py:full --workdir=runs/tl_full  # 60,000
-  python bench/transfer_curve.py --out docs/transfer_curve      # the data-efficiency curve
+  .venv/bin/jaxclf train --config configs/transfer.py --workdir runs/tl            # 2,000 images
+  .venv/bin/jaxclf train --config configs/transfer.py:few_shot --workdir runs/tl100 \\
+      --set data.limit_per_class=10                                               # 100 images
+  .venv/bin/jaxclf train --config configs/transfer.py:full --workdir runs/tl_full   # 60,000
+  .venv/bin/python bench/transfer_curve.py --headline         # the data-efficiency curve
 
 The recipe (jaxclf/train/finetune.py, jaxclf/train/optimizers.py):
   - input adaptation in the shared preprocessing spec, so export and serving follow: the grey
@@ -21,36 +21,30 @@ The recipe (jaxclf/train/finetune.py, jaxclf/train/optimizers.py):
     image: augmentation (+-4 px shifts, flips) only applies once everything unfreezes;
   - then everything trains, the backbone at 0.1x the head's learning rate (optimizer.lr_mults),
     with BatchNorm kept on the ImageNet statistics (train.freeze_batchnorm: the forward stays in
-    inference mode, so dropout and stochastic depth are off too). Both are needed, measured on
-    validation (500 images, seed 0, 600 val images): at lr 0.01 with BatchNorm on batch
-    statistics after unfreezing, val accuracy fell from the probe's 0.77 to 0.52 (0.61 after 12
-    epochs); at 0.05 with BatchNorm frozen, 0.73 -> 0.12; at 0.05 with neither (the first recipe),
-    0.73 -> 0.54 (0.74 after 12); with both, 0.77 -> 0.80 (test: 0.78 against 0.72 before).
+    inference mode, so dropout and stochastic depth are off too). Both are needed: with BatchNorm
+    back on batch statistics after unfreezing, or with a 5x higher rate, the first unfrozen steps
+    wrecked the probe's features and validation accuracy fell below the probe's.
 
 64 px rather than the weights' 224: Lite0 downsamples 32x, so 64 px gives a 2x2 final map (28 px
-would give 1x1) at (64/224)^2 = 8% of the native cost; on this 2-core CPU that is what lets the
-curve fit (see bench/transfer_curve.py for the budget). Step cost (bench/lite0_step.py, batch 32,
-the machine shared with other jobs): 21.8 img/s for a full Lite0 step (depthwise convs as taps;
-2.1 img/s with XLA's grouped convolution), 831 img/s for a cached-feature head step, 376 img/s for
-the one-off feature pass.
+would give 1x1) at (64/224)^2 = 8% of the native cost; on a CPU that is what lets the curve fit
+(see bench/transfer_curve.py for the budget; bench/lite0_step.py measures the step).
 
 Variants (`arg`):
   (none)    2,000 training images (data.limit_per_class=200, stratified, seeded), batch 64, 12
             epochs (2 frozen), validation on 1% of train: the curve's 2,000-image point.
   few_shot  100 images (10 per class), batch 12, otherwise the same: the curve's 100-image point.
-            `--config.data.limit_per_class=N` for N per class (scale the batch with it).
+            `--set data.limit_per_class=N` for N per class (scale the batch with it).
   full      the whole train split (60,000 minus validation), batch 128, 6 epochs (2 frozen).
 The learning rate is scaled linearly with the batch (0.01 at batch 128).
 
-Expected (measured on this project's 2-core CPU, 2026-12-02, `bench/transfer_curve.py --headline`,
-docs/transfer_curve.json; single view, best-by-validation checkpoint):
+Expected (`bench/transfer_curve.py --headline` on a 2-core CPU, 2026-12-02: docs/transfer_curve.json,
+docs/results.md; single view, best-by-validation checkpoint):
   (none)    84.2% on the full 10,000-image test split (95% bootstrap CI 83.5-84.9), 84.2% on
             the curve's 2,000-image stratified test subset; 629 s of training. Beside it at 2,000
             images: Lite0 from scratch 79.4%, the default CNN (configs/cnn.py) 86.8%.
   few_shot  66.1% and 68.7% (seeds 0, 1; 2,000-image test subset); 127-143 s of training.
             Lite0 from scratch 27.5% / 33.6%, the default CNN 69.6% / 65.2%.
-  full      not run here: ~2 hours estimated (4 unfrozen epochs x 60,000 images at the ~33 img/s
-            the 2,000-image run trained at, plus the cached frozen epochs).
+  full      not measured (4 unfrozen epochs x 60,000 images: hours on a 2-core CPU).
 """
 from jaxclf.config import default_config, parse_arg
 from jaxclf.models.pretrained import PRETRAINED

@@ -1,9 +1,9 @@
 """VGG-11/16 with BatchNorm on Fashion-MNIST (global-average-pool head, see jaxclf/models/vgg.py).
 
 Command:
-  python -m jaxclf.main --config=configs/vgg.py:vgg11 --workdir=runs/vgg11
+  .venv/bin/jaxclf train --config configs/vgg.py:vgg11 --workdir runs/vgg11
 
-Expected: ~94-95% test accuracy on one GPU in 30 epochs (not measured here: CPU-only machines);
+Expected: not measured (30 epochs: a GPU config);
 `vgg_tiny` is what the CPU tests run. `arg` (jaxclf.config.parse_arg): model=vgg11 (default) |
 vgg16, or just `vgg.py:vgg16`.
 """

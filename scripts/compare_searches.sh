@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's search comparison, as one command: TPE + ASHA pruning against random search without
+# The search comparison, as one command: TPE + ASHA pruning against random search without
 # pruning, the same budget (16 trials each, configs/cnn.py get_sweep "tpe" and "random": a
 # 10,000-image Fashion-MNIST subset, 3 epochs per trial). About an hour on 2 cores; rerunning
 # resumes whatever is unfinished.

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU check, for a session lent a GPU machine (device tool). One short run that measures train-step
-# time, throughput and device utilisation for the default CNN and ResNet-18, then the trainer's
-# data-parallel path on a mesh of the one GPU (float32, bfloat16, float16, grad accumulation;
-# bench/gpu.py data_parallel), and writes JSON to ${OUT:-bench/results}/gpu_check.json. That machine has jax (CUDA), flax and optax but not clu or
-# ml_collections: carry their wheels in .whl/ (see the device tool's notes), e.g.
+# GPU check: on a host with an NVIDIA GPU, measures the train step of the default CNN and
+# ResNet-18 (step time, img/s, the host->device copy, GPU utilisation sampled every 100 ms by
+# nvidia-smi), then the trainer's data-parallel path on a mesh of that GPU (float32, bfloat16,
+# float16, gradient accumulation; bench/gpu.py data_parallel), and writes
+# ${OUT:-docs/results}/gpu_check.json (+ gpu_util.csv beside it).
+#   bash scripts/gpu_check.sh                   # from the repository root or anywhere
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh      # results elsewhere
+# Needs python3 with jax[cuda12], flax and optax. A host without clu or ml_collections (and no
+# package index) can take their wheels from .whl/, which the script installs into /tmp/site:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl clu==0.0.12 ml-collections==1.1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +15,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUTDIR=${OUT:-bench/results}; mkdir -p "$OUTDIR"
+OUTDIR=${OUT:-docs/results}; mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # Utilisation sampled every 100 ms while the benchmark runs.
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 \
