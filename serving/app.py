@@ -143,8 +143,9 @@ def add_error_handlers(app: FastAPI) -> None:
   @app.exception_handler(StarletteHTTPException)
   async def _http_error(request: Request, exc: StarletteHTTPException):
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    # Starlette's 405 carries `Allow` (RFC 9110 §15.5.6 requires it): keep the exception's headers.
     return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
-                          str(exc.detail), None, rid_of(request))
+                          str(exc.detail), None, rid_of(request), headers=exc.headers)
 
   @app.exception_handler(Exception)
   async def _unexpected(request: Request, exc: Exception):

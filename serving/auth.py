@@ -5,9 +5,14 @@ of the body, so a caller without a key never gets a JSON body parsed or an uploa
 
   predict routes (/v1/predict...)   X-API-Key, when any key is configured
   ops routes with --protect-ops     /metrics, /v1/models, /v1/monitoring, /docs, /redoc: the same key
-  /v1/admin/...                     Authorization: Bearer <admin token> (or X-Admin-Token); 403 when
-                                    the server has no admin token
+  /v1/admin/...                     Authorization: Bearer <admin token> (or X-Admin-Token)
   /healthz, /readyz, /openapi.json  open (probes; the schema holds no secrets)
+
+401 (with a WWW-Authenticate challenge) when the credential the route needs is missing or wrong,
+whatever else the request carries: an API key is not an admin credential, and the admin token is
+not an API key. 403 only for a caller who did identify but may not do this: the admin token on a
+predict route (admins reload models; they do not spend a client's quota), or an admin token sent
+to a server whose admin endpoints are off.
 
 Keys come from JAXCLF_SERVE_API_KEY (one), JAXCLF_SERVE_API_KEYS (comma-separated) and a keys file
 (--api-keys-file), one key a line:
@@ -33,6 +38,10 @@ from serving.settings import ServeSettings
 PREDICT_PREFIX = "/v1/predict"
 ADMIN_PREFIX = "/v1/admin/"
 OPS_PATHS = ("/metrics", "/v1/models", "/v1/monitoring", "/docs", "/docs/oauth2-redirect", "/redoc")
+# RFC 9110 §11.6.1: a 401 carries a challenge. The API key has no registered scheme; "ApiKey" with
+# the header's name is the usual spelling. The admin token is an RFC 6750 bearer token.
+KEY_CHALLENGE = 'ApiKey realm="jaxclf", header="X-API-Key"'
+ADMIN_REALM = 'Bearer realm="jaxclf-admin"'
 
 
 class TokenBucket:
@@ -129,13 +138,13 @@ class Guard:
     if not self.needs_key(path):
       return None
     given = headers.get(b"x-api-key", b"")
-    # Compare with every key (no early exit), so timing does not say which prefix matched.
-    found = None
-    for key in self.keys:
-      if hmac.compare_digest(given, key.secret):
-        found = key
+    found = self.known_key(given)
     if found is None:
-      raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+      if not given and self._admin_token_ok(headers):
+        raise ApiError(403, "forbidden", "the admin token does not reach predict or ops "
+                       "endpoints: send a client's X-API-Key")
+      raise ApiError(401, "unauthorized", ("wrong" if given else "missing") + " X-API-Key header",
+                     headers={"WWW-Authenticate": KEY_CHALLENGE})
     if found.bucket is not None:
       wait = found.bucket.take()
       if wait > 0:
@@ -143,13 +152,32 @@ class Guard:
                           f"{found.bucket.rate:g} requests/s; retry in {wait:.2f} s")
     return found
 
+  def known_key(self, given: bytes) -> ApiKey | None:
+    # Compare with every key (no early exit), so timing does not say which prefix matched.
+    found = None
+    for key in self.keys:
+      if hmac.compare_digest(given, key.secret):
+        found = key
+    return found
+
+  @staticmethod
+  def _admin_token(headers: Mapping[bytes, bytes]) -> bytes:
+    auth = headers.get(b"authorization", b"")
+    return auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-admin-token", b"")
+
+  def _admin_token_ok(self, headers: Mapping[bytes, bytes]) -> bool:
+    given = self._admin_token(headers)
+    return self.admin is not None and bool(given) and hmac.compare_digest(given, self.admin)
+
   def _check_admin(self, headers: Mapping[bytes, bytes]) -> None:
-    if self.admin is None:
+    if self._admin_token_ok(headers):
+      return
+    given = self._admin_token(headers)
+    if given and self.admin is None:  # an admin who identified, on a server with admin off
       raise ApiError(403, "admin_disabled", "admin endpoints are disabled: start the server with "
                      "JAXCLF_SERVE_ADMIN_TOKEN set")
-    auth = headers.get(b"authorization", b"")
-    given = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-admin-token", b"")
-    if not hmac.compare_digest(given, self.admin):
-      raise ApiError(401, "unauthorized", "missing or wrong admin token (Authorization: Bearer "
-                     "<token> or X-Admin-Token)")
-
+    challenge = ADMIN_REALM + (', error="invalid_token"' if given else "")
+    off = "" if self.admin is not None else "; admin endpoints are off on this server"
+    raise ApiError(401, "unauthorized", ("wrong" if given else "missing") + " admin token "
+                   f"(Authorization: Bearer <token> or X-Admin-Token; an API key is not one){off}",
+                   headers={"WWW-Authenticate": challenge})

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxclf.data.transforms import PreprocessSpec
 from jaxclf.integrity import IntegrityError, read_verified
+from serving.errors import RateLimited
 
 log = logging.getLogger("jaxclf.serving")
 
@@ -75,7 +76,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def resolve_model_path(model_path: str) -> str:
-  """registry:NAME@stage -> export dir (through jaxclf.registry); a model.onnx path -> its dir."""
+  """registry:NAME@stage -> export dir (through jaxclf.registry); models:/NAME@alias -> a
+  downloaded export dir (MLflow's registry); a model.onnx path -> its dir."""
   if model_path.startswith("registry:"):
     try:
       from jaxclf.registry import resolve_model_uri  # lazy: the registry is optional here
@@ -85,6 +87,15 @@ def resolve_model_path(model_path: str) -> str:
       return str(resolve_model_uri(model_path))
     except Exception as e:  # RegistryError, IntegrityError, storage errors: all user-facing
       raise ModelLoadError(f"{model_path}: {e}") from None
+  if model_path.startswith("models:/"):  # MLflow's registry: downloaded, sha256-checked
+    try:
+      from jaxclf.tracking.model_registry import download_model  # lazy: needs mlflow-skinny
+    except ImportError as e:
+      raise ModelLoadError(f"{model_path}: models:/ URIs need the MLflow client ({e})") from None
+    try:
+      return download_model(model_path)
+    except Exception as e:  # MlflowRegistryError, client errors: one line naming the URI
+      raise ModelLoadError(str(e).splitlines()[0] if str(e) else repr(e)) from None
   path = os.path.expanduser(model_path)
   if path.endswith(".onnx"):
     path = os.path.dirname(path) or "."
@@ -138,6 +149,11 @@ def load_bundle(model_path: str, *, allow_unverified: bool = False) -> ModelBund
   return ModelBundle(name=name, version=version, export_dir=export_dir, spec=spec, labels=labels,
                      sha256=onnx_sha, reference=reference, export_meta=meta,
                      source_uri=model_path, model_bytes=model_bytes)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:300]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -255,6 +271,10 @@ class OnnxBackend:
   """onnxruntime in this process. Thread-safe: session.run releases the GIL."""
   kind = "onnx"
   needs_tensor = True
+  remote = False
+
+  def ready(self) -> bool:  # in process: ready once loaded
+    return True
 
   def __init__(self, bundle: ModelBundle, *, threads: int = 0, micro_batching: bool = True,
                max_batch_size: int = 32, max_wait_ms: float = 2.0, inline_budget_us: float = 0.0,
@@ -274,7 +294,7 @@ class OnnxBackend:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ORT threads spin by default, burning the cores the event loop needs between batches.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3  # the harmless NCHW/NHWC "MergeShapeInfo" warnings (FINDINGS.md)
+    opts.log_severity_level = 3  # the harmless NCHW/NHWC "MergeShapeInfo" warnings
     # The verified bytes, never the path again: the file may have changed since it was hashed.
     source = bundle.model_bytes if bundle.model_bytes is not None else path
     try:
@@ -340,15 +360,36 @@ class OnnxBackend:
       self.batcher.close()
 
 
+# gRPC's default reconnect backoff grows to 120 s: after a long Triton outage the gateway's
+# channels would keep failing for up to two minutes after Triton is back. Capped at 1 s, a channel
+# retries its connection at least once a second, so service resumes about a second after Triton.
+GRPC_RECONNECT_ARGS = [("grpc.initial_reconnect_backoff_ms", 250),
+                       ("grpc.min_reconnect_backoff_ms", 250),
+                       ("grpc.max_reconnect_backoff_ms", 1000)]
+READY_CACHE_S = 0.5  # /readyz asks Triton at most this often
+
+
+class BackendUnavailable(RateLimited):
+  """The inference server cannot answer now (down, restarting, model loading): 503 + Retry-After.
+  Never a 500 and never a guess: the client retries, here or on another instance."""
+
+  def __init__(self, message: str, retry_after_s: float = 1.0):
+    super().__init__(retry_after_s, message, code="backend_unavailable", status=503)
+
+
 class TritonBackend:
   """A Triton ensemble that takes encoded image bytes (`<name>_image`), over gRPC or HTTP.
 
   The gateway still decodes each image itself (to reject bad input with a 4xx and to measure it for
   drift), but the model input is built inside Triton by the same jaxclf.data.transforms code.
   tritonclient's HTTP client is gevent-based and not thread-safe, so each worker thread gets its own.
+  Any failure of the call to Triton (refused, reset, model not loaded) is BackendUnavailable: the
+  images were already checked by the gateway, so it is the server side that failed. `ready()` is
+  what /readyz reports: false while Triton or the model is not ready.
   """
   kind = "triton"
   needs_tensor = False
+  remote = True
 
   def __init__(self, bundle: ModelBundle | None, *, url: str, model: str, protocol: str = "grpc",
                timeout_s: float = 10.0, input_name: str | None = None,
@@ -356,6 +397,7 @@ class TritonBackend:
     self.url, self.model, self.protocol, self.timeout_s = url, model, protocol, timeout_s
     self.on_batch = on_batch
     self._local = threading.local()
+    self._ready_at, self._ready = 0.0, True
     self.batcher = None
     client = self._client()
     try:
@@ -387,7 +429,13 @@ class TritonBackend:
     if client is None:
       if self.protocol == "grpc":
         import tritonclient.grpc as tc
-        client = tc.InferenceServerClient(self.url)
+        keepalive = tc.KeepAliveOptions()
+        client = tc.InferenceServerClient(self.url, channel_args=[
+            ("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            *GRPC_RECONNECT_ARGS])
       else:
         import tritonclient.http as tc
         client = tc.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
@@ -414,12 +462,35 @@ class TritonBackend:
     inp.set_data_from_numpy(data)
     out = tc.InferRequestedOutput(self.output_name)
     kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-    result = self._client().infer(self.model, [inp], outputs=[out], **kwargs)
-    values = result.as_numpy(self.output_name).astype(np.float32).reshape(len(images), -1)
+    try:
+      result = self._client().infer(self.model, [inp], outputs=[out], **kwargs)
+      values = result.as_numpy(self.output_name)
+    except Exception as e:  # InferenceServerException, socket errors (HTTP client): see class doc
+      self._ready_at, self._ready = time.monotonic(), False
+      raise BackendUnavailable(f"the inference server ({self.protocol}://{self.url}, model "
+                               f"{self.model!r}) is unavailable: {_first_line(e)}") from None
+    if values is None or values.size == 0 or values.size % len(images):
+      raise BackendUnavailable(f"the inference server ({self.protocol}://{self.url}) returned no "
+                               f"{self.output_name!r} of the expected shape")
+    values = values.astype(np.float32).reshape(len(images), -1)
     if self.on_batch:
       self.on_batch(len(images))
     # The gateway's contract is logits; log-probabilities give the same softmax.
     return np.log(np.clip(values, 1e-12, None)) if self.output_is_probs else values
+
+  def ready(self) -> bool:
+    """Triton and the model answer ready (cached READY_CACHE_S; blocking: call from a thread)."""
+    now = time.monotonic()
+    if now - self._ready_at < READY_CACHE_S:
+      return self._ready
+    client = self._client()
+    kwargs = {"client_timeout": min(2.0, self.timeout_s)} if self.protocol == "grpc" else {}
+    try:
+      ready = bool(client.is_server_ready(**kwargs) and client.is_model_ready(self.model, **kwargs))
+    except Exception:  # refused, reset, timed out: not ready
+      ready = False
+    self._ready_at, self._ready = time.monotonic(), ready
+    return ready
 
   def warmup(self, runs: int = 1) -> None:
     import io

@@ -134,7 +134,8 @@ def check_part_type(content_type: str | None, source: str, field: str) -> None:
 def open_upload(data: bytes, source: str, field: str, settings: ServeSettings):
   """The checks that need no pixels (empty, size, header, format) -> the opened image."""
   if not data:
-    raise ApiError(400, "empty_file", f"{source}: empty file (0 bytes)", field)
+    # Well-formed request, unusable content: 422 (the schema says minLength 1), not 400.
+    raise ApiError(422, "empty_file", f"{source}: empty file (0 bytes)", field)
   if len(data) > settings.max_upload_bytes:
     raise ApiError(413, "file_too_large", f"{source}: {len(data)} bytes exceeds the per-image "
                    f"limit of {settings.max_upload_bytes} bytes", field)

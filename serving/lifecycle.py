@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.backends import (ModelBundle, ModelLoadError, OnnxBackend, TritonBackend,
                               load_bundle)
-from serving.errors import ApiError
+from serving.errors import RateLimited
 from serving.settings import ServeSettings
 
 
@@ -64,7 +64,7 @@ class ModelHolder:
     model = self.current
     if model is None:
       detail = f": {self.load_error}" if self.load_error else " yet (warming up)"
-      raise ApiError(503, "not_ready", f"no model loaded{detail}")
+      raise RateLimited(1.0, f"no model loaded{detail}", code="not_ready", status=503)
     model.inflight += 1  # event-loop thread only: no lock needed
     try:
       yield model

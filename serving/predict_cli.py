@@ -74,7 +74,8 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                  help="token bucket for keys without their own rate (default 0 = unlimited)")
   p.add_argument("--api-key-burst", type=int, default=None)
   p.add_argument("--protect-ops", action="store_true", default=None,
-                 help="/metrics, /v1/models, /v1/monitoring and /docs need the API key too")
+                 help="/metrics, /v1/models, /v1/monitoring and /docs need the API key too "
+                      "(refused when no API key is configured)")
   p.add_argument("--max-inflight", type=int, default=None,
                  help="predict requests processed at once (default 64)")
   p.add_argument("--max-queue", type=int, default=None,
@@ -122,6 +123,10 @@ def run_serve(args: argparse.Namespace) -> int:
     return 2
   if settings.model_path:  # fail fast on a wrong path, before the server starts
     try:
+      if settings.model_path.startswith("models:/"):  # download once, here: the server (and
+        import dataclasses  # its workers) load the local, checked copy
+        from serving.backends import resolve_model_path
+        settings = dataclasses.replace(settings, model_path=resolve_model_path(settings.model_path))
       load_bundle(settings.model_path, allow_unverified=settings.allow_unverified)
     except (ModelLoadError, OSError) as e:
       print(f"jaxclf serve: error: {e}", file=sys.stderr)

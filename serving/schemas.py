@@ -88,7 +88,9 @@ class JsonImage(BaseModel):
       # Exactly one of the two. A malformed item is a malformed request (422 invalid_request);
       # per-item errors are for the images themselves (not base64, not an image, URL refused).
       "oneOf": [{"required": ["b64"]}, {"required": ["url"]}]})
-  b64: str = Field(default=None, description="the encoded image file, base64",
+  b64: str = Field(default=None, description="an encoded image file (PNG, JPEG, WebP, GIF, BMP "
+                   "or TIFF, recognised from its bytes), base64; the same limits and per-item "
+                   "errors as a multipart file",
                    json_schema_extra={"format": "byte"})
   url: str = Field(default=None, description="http(s) URL; off unless the server allows "
                    "URL fetch and the host is on its allow-list")

@@ -111,6 +111,11 @@ class ServeSettings:
         or self.inline_decode_pixels < 0 or self.gil_switch_interval_ms < 0):
       raise ValueError("max_queue, api_key_rate_per_s, shutdown_delay_s, inline_decode_pixels "
                        "and gil_switch_interval_ms must be >= 0")
+    # The ops routes are protected by the API key: with no key at all, --protect-ops would
+    # leave them as open as without it, so it is refused rather than accepted and ignored.
+    if self.protect_ops and not (self.api_key or self.api_keys or self.api_keys_file):
+      raise ValueError("protect_ops (--protect-ops, JAXCLF_SERVE_PROTECT_OPS) needs an API key: "
+                       "set JAXCLF_SERVE_API_KEY, JAXCLF_SERVE_API_KEYS or --api-keys-file")
 
   def ort_threads(self) -> int:
     """onnxruntime intra-op threads per worker: the usable cores left once each worker's event loop

@@ -1,65 +1,39 @@
-"""Property-based API testing: Schemathesis generates requests from /openapi.json of a running
-server and checks that none gets a 5xx and that every response matches the documented schema.
+"""Property-based API testing: Schemathesis reads /openapi.json of a running server and runs every
+built-in check (`--checks all`) in every phase (examples, coverage, fuzzing; stateful when the
+schema has links) against it: no 5xx; statuses, content types, headers and bodies as documented;
+schema-valid requests accepted and schema-violating ones rejected; undeclared methods get 405 with
+`Allow`; a missing credential gets 401; auth is enforced where it is declared.
+
+One setting, not a deselection: `positive_data_acceptance` also accepts 415 and 422, the statuses
+the OpenAPI declares for content its schema allows but the server cannot use: bytes that are not
+an image, an admin `model_path` that holds no model, a URL this server does not fetch. No JSON
+schema can say "these bytes decode as an image".
 
 The server has an API key and an admin token, and the requests carry both, so they get past auth
-to the handlers; multipart `file` / `files` parts are real images (PNG, JPEG, WebP, GIF, BMP,
-TIFF; many sizes and modes, from generated pixels), so the decode and inference path is fuzzed
-too. How many images reached the model is read from the server's own counter.
-
-Bounded: a fixed number of examples per operation, derandomised so a failure reproduces.
+to the handlers; multipart parts and JSON `b64` fields are real images (tests/schemathesis_hooks.py),
+so the decode and inference path is fuzzed too; how many images reached the model is read from
+the server's own counters. Bounded and reproducible: a fixed number of examples per operation,
+deterministic generation. The default suite runs a few; `-m slow` runs a deep pass.
 """
 from __future__ import annotations
 
-import base64
-import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
-from schemathesis.generation.modes import GenerationMode
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+import requests
 
-from test_serving import ADMIN_TOKEN, API_KEY, Server, session_export
+from test_serving import ADMIN_TOKEN, API_KEY, REPO, Server, session_export
 
-EXAMPLES_PER_OPERATION = 40  # per operation and mode
 AUTH = {"X-API-Key": API_KEY, "Authorization": f"Bearer {ADMIN_TOKEN}"}
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF",
-           "image/bmp": "BMP", "image/tiff": "TIFF"}
-
-
-def image_files(fmt: str | None = None):
-  """Encoded image files: random pixels, 1-300 px a side, grey / colour / alpha / palette."""
-  import io
-
-  import numpy as np
-  from hypothesis import strategies as st
-  from PIL import Image
-
-  @st.composite
-  def build(draw):
-    f = fmt or draw(st.sampled_from(sorted(FORMATS.values())))
-    w, h = draw(st.integers(1, 300)), draw(st.integers(1, 300))
-    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "P"]))
-    if f == "JPEG" and mode in ("RGBA", "P"):
-      mode = "RGB"
-    seed = draw(st.integers(0, 2**32 - 1))
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
-    img = Image.fromarray(pixels).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, f)
-    return buf.getvalue()
-  return build()
-
-
-def _register_image_media_types():
-  for media_type, fmt in FORMATS.items():
-    schemathesis.openapi.media_type(media_type, image_files(fmt))
-  schemathesis.openapi.media_type("application/octet-stream", image_files())
-  # JSON `b64` fields (OpenAPI format "byte") carry real images too.
-  schemathesis.openapi.format("byte", image_files().map(
-      lambda data: base64.b64encode(data).decode()))
+CONFIG = """
+[checks.positive_data_acceptance]
+# The defaults, plus what the OpenAPI declares for schema-valid content the server cannot use.
+expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "415", "422", "429", "5xx"]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -71,52 +45,63 @@ def api_server(tmp_path_factory):
   s.stop()
 
 
-def test_api_never_5xx_and_matches_its_schema(api_server):
-  # Schemathesis' lazy pytest fixture (`schemathesis.pytest.from_fixture`) breaks on pytest 9
-  # (it writes Function._nodeid), so the operations are driven with Hypothesis directly.
-  _register_image_media_types()
-  schema = schemathesis.openapi.from_url(api_server.url + "/openapi.json")
-  operations = [result.ok() for result in schema.get_all_operations()]
-  assert len(operations) >= 9
-  seen: dict[str, set[int]] = {}
-  images_before = _images_ok(api_server)
-  calls = [0]
-  for operation, mode in itertools.product(operations, GenerationMode):
-    label = f"{operation.method.upper()} {operation.path}"
-
-    # Positive (valid per schema) and negative (schema-violating) requests alike.
-    @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck), database=None)
-    def check(case):
-      response = case.call(headers=AUTH, timeout=30)
-      calls[0] += 1
-      assert response.status_code < 500, (label, response.status_code, response.text[:500])
-      seen.setdefault(label, set()).add(response.status_code)
-      # Every built-in check but one: positive_data_acceptance wants a 2xx for any schema-valid
-      # body, and no schema can say "these bytes decode as an image" or "this URL is allowed".
-      # A schema-valid body of non-images gets 415/422 by design (all_items_failed).
-      case.validate_response(response, headers=AUTH, excluded_checks=[positive_data_acceptance])
-
-    try:
-      check()
-    except Unsatisfiable:
-      # Nothing to violate: an operation without parameters or body has no negative cases.
-      assert mode == GenerationMode.NEGATIVE and not operation.body and not len(
-          list(operation.iter_parameters())), label
-  reached = _images_ok(api_server) - images_before
-  print(json.dumps({"requests": calls[0], "images_inferred": reached,
-                    "status_codes": {k: sorted(v) for k, v in seen.items()}}))
-  # The generated inputs did reach the model, through both multipart endpoints; others were
-  # refused. (A JSON batch whose images all failed is a 422 now, so a 200 there means inference.)
-  assert 200 in seen["POST /v1/predict"] and 200 in seen["POST /v1/predict/batch"], seen
-  assert reached >= 20, reached
-  assert any(code >= 400 for code in seen["POST /v1/predict"]), seen
+def run_schemathesis(server, tmp_path: Path, examples: int) -> dict[str, float]:
+  """`schemathesis run --checks all` against the server; returns the request counts by
+  (endpoint, status) from the server's /metrics."""
+  config = tmp_path / "schemathesis.toml"
+  config.write_text(CONFIG)
+  cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+         server.url + "/openapi.json", "--checks", "all",
+         "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", str(examples),
+         "--generation-deterministic", "--seed", "0", "--workers", "1",
+         "--request-timeout", "30", "--no-color", "--warnings", "off",
+         "--report", "ndjson", "--report-dir", str(tmp_path / "report")]
+  for name, value in AUTH.items():
+    cmd += ["--header", f"{name}: {value}"]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+         "SCHEMATHESIS_HOOKS": "schemathesis_hooks"}
+  before = _requests_by_status(server)
+  r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+  tail = (r.stdout + r.stderr)[-6000:]
+  assert r.returncode == 0, tail
+  assert "Tested: " in r.stdout and "Coverage" in r.stdout, tail
+  after = _requests_by_status(server)
+  return {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
 
 
-def _images_ok(server) -> float:
-  import requests
+def _requests_by_status(server) -> dict[str, float]:
   text = requests.get(server.url + "/metrics", headers=AUTH, timeout=10).text
-  line = next((x for x in text.splitlines() if x.startswith('jaxclf_images_total{outcome="ok"}')),
-              None)
-  return float(line.split()[-1]) if line else 0.0
+  out = {}
+  for line in text.splitlines():
+    if line.startswith("jaxclf_requests_total{"):
+      labels, value = line.rsplit(" ", 1)
+      out[labels] = float(value)
+    elif line.startswith('jaxclf_images_total{outcome="ok"}'):
+      out["images_ok"] = float(line.split()[-1])
+  return out
+
+
+def _count(seen: dict[str, float], endpoint: str, status: int) -> float:
+  return sum(v for k, v in seen.items()
+             if f'endpoint="{endpoint}"' in k and f'status="{status}"' in k)
+
+
+def _check_reached_the_model(seen: dict[str, float], min_images: int) -> None:
+  print(json.dumps(seen, indent=0))
+  # Generated images did reach the model through both multipart endpoints and the JSON one.
+  assert _count(seen, "/v1/predict", 200) > 0 and _count(seen, "/v1/predict/batch", 200) > 0, seen
+  assert seen.get("images_ok", 0) >= min_images, seen
+  # The coverage phase sent undeclared methods (answered 405 with Allow, or the check failed).
+  assert sum(v for k, v in seen.items() if 'status="405"' in k) > 0, seen
+  assert any('status="4' in k for k in seen if 'endpoint="/v1/predict"' in k), seen
+
+
+def test_api_never_5xx_and_matches_its_schema(api_server, tmp_path):
+  seen = run_schemathesis(api_server, tmp_path, examples=5)
+  _check_reached_the_model(seen, min_images=5)
+
+
+@pytest.mark.slow
+def test_api_never_5xx_and_matches_its_schema_deep(api_server, tmp_path):
+  seen = run_schemathesis(api_server, tmp_path, examples=500)
+  _check_reached_the_model(seen, min_images=300)

@@ -119,7 +119,7 @@ def test_direct_route_answers_like_the_router(export_dir, tmp_path, images):
   assert len(d["top_k"][2]["predictions"]) == 3 and d["GET"] == 405 and d["metric_label"]
   assert [d[c][0] for c in ("bad_top_k", "missing_field", "not_an_image", "empty", "truncated",
                             "declared_text", "json_body", "bad_multipart", "too_large")] == [
-      422, 422, 415, 400, 422, 415, 415, 400, 413]
+      422, 422, 415, 422, 422, 415, 415, 400, 413]
 
 
 def test_workers_share_one_port_refuse_reload_and_drain_on_sigterm(export_dir, tmp_path,

@@ -115,6 +115,69 @@ def test_keys_protect_predict_and_ops_and_probes_stay_open(guarded, images):
   assert {"client-a", "env-0"} <= names  # the access log says which key was used
 
 
+def test_405_names_the_allowed_methods_on_every_route(guarded):
+  """RFC 9110 §15.5.6: a 405 carries Allow. Every documented path, with credentials that get
+  past auth, answers undeclared methods (TRACE among them) with 405 + Allow listing its own."""
+  spec = requests.get(guarded.url + "/openapi.json").json()
+  creds = {**_key(), "Authorization": f"Bearer {ADMIN_TOKEN}"}
+  checked = 0
+  for path, ops in spec["paths"].items():
+    declared = {m.upper() for m in ops}
+    for method in sorted({"TRACE", "PUT", "DELETE", "PATCH", "GET", "POST"} - declared):
+      r = requests.request(method, guarded.url + path, headers=creds, timeout=10)
+      assert r.status_code == 405, (method, path, r.status_code, r.text[:200])
+      allow = {m.strip() for m in r.headers.get("Allow", "").split(",") if m.strip()}
+      assert declared <= allow and method not in allow, (method, path, r.headers)
+      assert r.json()["error"]["code"] == "method_not_allowed"
+      checked += 1
+  assert checked >= 9 * 4
+
+
+def test_401_carries_a_challenge_and_403_is_for_a_known_caller(guarded, images):
+  files = {"file": ("a.png", images[0], "image/png")}
+  admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+  reload = guarded.url + "/v1/admin/reload"
+  body = {"model_path": "/nonexistent"}
+  cases = {  # what the request carries -> (status, code, challenge prefix or None)
+      "predict, no key": (requests.post(guarded.url + "/v1/predict", files=files),
+                          401, "unauthorized", "ApiKey"),
+      "predict, wrong key": (requests.post(guarded.url + "/v1/predict", files=files,
+                                           headers=_key("nope")), 401, "unauthorized", "ApiKey"),
+      "ops, no key": (requests.get(guarded.url + "/v1/models"), 401, "unauthorized", "ApiKey"),
+      "admin, nothing": (requests.post(reload, json=body), 401, "unauthorized", "Bearer"),
+      # An API key is not an admin credential: the admin one is missing, so 401 still.
+      "admin, API key only": (requests.post(reload, json=body, headers=_key()), 401,
+                              "unauthorized", "Bearer"),
+      "admin, wrong token": (requests.post(reload, json=body,
+                                           headers={"Authorization": "Bearer nope"}),
+                             401, "unauthorized", 'Bearer realm="jaxclf-admin", error='),
+      # The admin identified, but admins do not spend a client's quota on predict routes.
+      "predict, admin token": (requests.post(guarded.url + "/v1/predict", files=files,
+                                             headers=admin), 403, "forbidden", None),
+  }
+  for what, (r, status, code, challenge) in cases.items():
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), (what, r.text[:300])
+    if challenge is not None:
+      assert r.headers.get("WWW-Authenticate", "").startswith(challenge), (what, r.headers)
+  # The admin token itself does reach the admin route (422: that path holds no model).
+  r = requests.post(reload, json=body, headers=admin)
+  assert r.status_code == 422 and r.json()["error"]["code"] == "model_load_failed", r.text
+
+
+def test_an_admin_token_sent_to_a_server_without_admin_is_403():
+  from serving.auth import Guard
+  from serving.errors import ApiError
+  from serving.settings import ServeSettings
+  guard = Guard(ServeSettings())
+  with pytest.raises(ApiError) as e:
+    guard.check("/v1/admin/reload", {b"authorization": b"Bearer something"})
+  assert (e.value.status, e.value.code) == (403, "admin_disabled")
+  with pytest.raises(ApiError) as e:
+    guard.check("/v1/admin/reload", {})
+  assert (e.value.status, e.value.code) == (401, "unauthorized")
+  assert e.value.headers()["WWW-Authenticate"].startswith("Bearer ")
+
+
 def test_the_key_is_checked_before_the_body_is_read(guarded):
   """Headers announce a 1 MB JSON body that never comes: the 401 arrives at once (a server
   that read the body first would wait for it and answer 408 after request_timeout_s)."""
@@ -281,7 +344,7 @@ def test_the_bytes_that_were_hashed_are_the_bytes_that_run(export_dir, tmp_path,
 
 
 def test_tampered_registry_version_is_refused_by_gateway_and_evaluate(export_dir, tmp_path):
-  from jaxclf.evaluate.evaluate import EvaluationError, load_model
+  from jaxclf.evaluate.model_loader import EvaluationError, load_model
   from jaxclf.registry import Registry
   root = tmp_path / "registry"
   reg = Registry(str(root))
@@ -295,7 +358,7 @@ def test_tampered_registry_version_is_refused_by_gateway_and_evaluate(export_dir
 
 
 def test_evaluate_checks_the_export_it_scores(export_dir, tmp_path):
-  from jaxclf.evaluate.evaluate import EvaluationError, load_model
+  from jaxclf.evaluate.model_loader import EvaluationError, load_model
   tampered = _copy_export(export_dir, tmp_path / "tampered")
   _flip_a_byte(tampered / "model.onnx")
   with pytest.raises(EvaluationError, match=r"model.onnx: sha256 .* does not match"):
@@ -308,8 +371,9 @@ def test_evaluate_checks_the_export_it_scores(export_dir, tmp_path):
 
 
 def test_triton_classifier_refuses_a_tampered_copy_at_initialize(export_dir, tmp_path):
-  from jaxclf.export.triton import (ServingEnv, ServingEnvError, TritonServer, TritonServerError,
-                                    write_model_repository)
+  from jaxclf.export.serving_env import ServingEnv, ServingEnvError
+  from jaxclf.export.triton_repository import write_model_repository
+  from jaxclf.export.triton_server import TritonServer, TritonServerError
   try:
     env = ServingEnv.find()
   except ServingEnvError as e:

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from serving import schemas
-from serving.api_docs import ERROR_RESPONSES
+from serving.api_docs import ERROR_RESPONSES, challenge
 from serving.backends import ModelLoadError
 from serving.context import Gateway
 from serving.errors import ApiError
@@ -19,15 +19,29 @@ from serving.lifecycle import build_model, retire
 log = logging.getLogger("jaxclf.serving")
 
 
+ADMIN_RESPONSES = {
+    400: ERROR_RESPONSES[400],
+    401: {"model": schemas.ErrorResponse, "description": "missing or wrong admin token",
+          "headers": challenge("Bearer")},
+    403: {"model": schemas.ErrorResponse, "description": "a known caller that may not reload: an "
+          "API key instead of the admin token (`forbidden`), or admin endpoints off on this "
+          "server (`admin_disabled`)"},
+    409: {"model": schemas.ErrorResponse, "description": "hot reload is off with --workers > 1"},
+    413: ERROR_RESPONSES[413],
+    415: {"model": schemas.ErrorResponse, "description": "the body is not application/json"},
+    422: {"model": schemas.ErrorResponse, "description": "the body does not match the schema "
+          "(`invalid_request`), or the model at `model_path` cannot be loaded "
+          "(`model_load_failed`: missing, tampered, or not an export); the old model keeps serving"},
+}
+
+
 def create_admin_router(gw: Gateway) -> APIRouter:
   router = APIRouter(tags=["admin"])
 
   @router.post("/v1/admin/reload", response_model=schemas.ReloadResponse,
                openapi_extra={"security": [{"AdminToken": []}]},
                summary="Hot-swap the served model (admin token required)",
-               responses={**ERROR_RESPONSES, 403: {"model": schemas.ErrorResponse},
-                          409: {"model": schemas.ErrorResponse,
-                                "description": "hot reload is off with --workers > 1"}})
+               responses=ADMIN_RESPONSES)
   async def admin_reload(body: schemas.ReloadRequest):
     if gw.settings.workers > 1:  # this request reaches one worker: the others would keep the old
       raise ApiError(409, "reload_unsupported", f"hot reload is off with --workers "

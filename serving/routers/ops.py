@@ -7,17 +7,17 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from serving import schemas
-from serving.api_docs import OPS_SECURITY
+from serving.api_docs import FORBIDDEN, OPS_SECURITY, RATE_LIMITED, UNAUTHORIZED
 from serving.context import Gateway
 
 
 def create_ops_router(gw: Gateway) -> APIRouter:
   router = APIRouter()
   holder, settings = gw.holder, gw.settings
-  auth_errors = {401: {"model": schemas.ErrorResponse, "description": "missing or wrong API key"},
-                 429: {"model": schemas.ErrorResponse, "description": "over the key's rate"}}
+  auth_errors = {401: UNAUTHORIZED, 403: FORBIDDEN, 429: RATE_LIMITED}
   locked = settings.protect_ops and bool(gw.guard.keys)
   protected = {"openapi_extra": OPS_SECURITY, "responses": auth_errors} if locked else {}
 
@@ -44,7 +44,15 @@ def create_ops_router(gw: Gateway) -> APIRouter:
     if holder.current is None:
       return JSONResponse({"status": "loading" if holder.load_error is None else "failed",
                            "detail": holder.load_error}, status_code=503)
-    return {"status": "ready", "model": holder.current.ref()}
+    model = holder.current
+    # A remote backend (Triton) can go away after load: not ready while it is down, so the load
+    # balancer stops sending here, and ready again by itself once it is back.
+    backend = model.backend
+    if backend.remote and not await run_in_threadpool(backend.ready):
+      return JSONResponse({"status": "backend_unavailable", "model": model.ref(),
+                           "detail": f"the inference server is not ready ({backend.kind})"},
+                          status_code=503)
+    return {"status": "ready", "model": model.ref()}
 
   text = {200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}}
 

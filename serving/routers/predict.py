@@ -27,8 +27,15 @@ from serving.inputs import (ImageResult, check_part_type, parse_top_k, prepare_i
                             read_form, top_k_predictions)
 
 BATCH_RESPONSES = {**ERROR_RESPONSES, 422: {"model": schemas.ErrorResponse, "description":
-                   "invalid field; or every image of the batch failed (`all_items_failed`, "
-                   "with per-item `results`)"}}
+                   "every image of the batch failed (`all_items_failed`, with the per-item errors "
+                   "in `results`: `empty_file`, `not_an_image`, `corrupt_image`, ...), or a field "
+                   "is missing or invalid (`missing_field`, `invalid_request`)"}}
+JSON_RESPONSES = {**BATCH_RESPONSES, 415: {"model": schemas.ErrorResponse, "description":
+                  "the body is not application/json (`unsupported_media_type`)"}, 422: {
+                  "model": schemas.ErrorResponse, "description": "every image failed "
+                  "(`all_items_failed`, per-item errors in `results`: `bad_base64`, "
+                  "`not_an_image`, `url_fetch_disabled`, `url_not_allowed`, ...), or the body "
+                  "does not match the schema (`invalid_request`)"}}
 
 
 def _timeout(settings) -> ApiError:
@@ -44,7 +51,7 @@ def create_predict_router(gw: Gateway) -> APIRouter:
     return int(top_k or settings.top_k)
 
   @router.post("/v1/predict", response_model=schemas.PredictResponse, responses=ERROR_RESPONSES,
-               openapi_extra={**multipart_body("file", many=False),
+               openapi_extra={**multipart_body("file", many=False, settings=settings),
                               "parameters": [TOP_K_PARAMETER], **PREDICT_SECURITY},
                summary="Classify one image (multipart field `file`)")
   async def predict(request: Request):
@@ -91,7 +98,8 @@ def create_predict_router(gw: Gateway) -> APIRouter:
 
   @router.post("/v1/predict/batch", response_model=schemas.BatchResponse,
                responses=BATCH_RESPONSES,
-               openapi_extra={**multipart_body("files", many=True), **PREDICT_SECURITY},
+               openapi_extra={**multipart_body("files", many=True, settings=settings),
+                              **PREDICT_SECURITY},
                summary="Classify many images (repeat multipart field `files`)")
   async def predict_batch(request: Request,
                           top_k: Optional[int] = Query(None, ge=1, le=1000)):
@@ -105,7 +113,7 @@ def create_predict_router(gw: Gateway) -> APIRouter:
         raise _timeout(settings) from None
 
   @router.post("/v1/predict/json", response_model=schemas.BatchResponse,
-               responses=BATCH_RESPONSES, openapi_extra=PREDICT_SECURITY,
+               responses=JSON_RESPONSES, openapi_extra=PREDICT_SECURITY,
                summary="Classify images sent as base64 or URLs (JSON)")
   async def predict_json(request: Request, body: schemas.JsonPredictRequest):
     if len(body.images) > settings.max_batch_files:
