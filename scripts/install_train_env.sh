@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the training environment into a fresh venv: the exact steps Dockerfile.train runs, so a
-# test can run them here (tests/test_images.py::test_train_image_install_steps_train_tiny, slow).
+# test can run them here (scripts/setup_image_envs.sh -> .venv-image-train, tests/test_images.py).
 #
 #   scripts/install_train_env.sh VENV_DIR [cuda|cpu]      (run from the source tree's root)
 #

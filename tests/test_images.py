@@ -1,17 +1,22 @@
 """What can be proved about the images without a Docker engine:
 
   - the pins inside every image are the lock of that image's environment: requirements/lock.txt
-    (training, gateway), requirements/cuda-lock.txt (the CUDA plugin wheels, generated for
-    lock.txt's jax), the serving env's pins (numpy < 2) for Triton's python backend, and the
-    MLflow server's for compose;
-  - the gateway image's files (its COPY lines) import the gateway and the registry deploy step
-    with the image's packages, and never import jax;
-  - (slow) Dockerfile.train's install steps, scripts/install_train_env.sh, run in a fresh venv,
-    give a working `python -m jaxclf.main --config=configs/cnn.py:tiny`.
+    (training), requirements/gateway-image.txt (the gateway: closed, its direct pins those of the
+    serving env, the lock and serving-api.txt), requirements/cuda-lock.txt (the CUDA plugin
+    wheels, generated for lock.txt's jax), the serving env's pins (numpy < 2) for Triton's python
+    backend, and the MLflow server's for compose;
+  - with ONLY each image's environment (.venv-image-serve / .venv-image-train, which
+    scripts/setup_image_envs.sh builds by running the Dockerfile's own install line in a fresh
+    venv) and the image's files (its COPY lines), what the image's entry point, compose services
+    and Kubernetes containers run imports and starts: `jaxclf registry deploy` into a model
+    repository (compose's and the Kubernetes init container's commands, registry on S3), the
+    gateway with the onnx backend and with the triton backend against a real tritonserver, the
+    training entry point (slow), TensorBoard and the sweep worker's command.
 """
 from __future__ import annotations
 
 import json
+import time
 import os
 import re
 import shutil
@@ -19,8 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+
+import service_helpers
 
 REPO = Path(__file__).resolve().parents[1]
 REQ = REPO / "requirements"
@@ -57,14 +65,48 @@ def test_train_image_installs_lock_and_the_generated_cuda_lock():
   assert all(n.startswith(("jax-cuda12-", "nvidia-")) for n in cuda), sorted(cuda)
 
 
-def test_gateway_image_pins_are_the_lock():
-  dockerfile = (REPO / "Dockerfile.serve").read_text()
-  names = re.search(r"grep -E '\^\(([^)]+)\)==' lock.txt", dockerfile).group(1).split("|")
-  assert "s3fs" in names and "-c lock.txt" in dockerfile
-  assert all(n in LOCK for n in names), [n for n in names if n not in LOCK]
-  # serving-api.txt is installed under lock.txt as constraints: its pins must be the lock's.
+IMAGE_ENVS = {"serve": REPO / ".venv-image-serve", "train": REPO / ".venv-image-train"}
+
+
+def image_python(image: str) -> str:
+  """The interpreter of an image's environment; missing is a broken setup, not a reason to skip."""
+  py = IMAGE_ENVS[image] / "bin" / "python"
+  if not py.exists():
+    pytest.fail(f"{py} missing: run scripts/setup_image_envs.sh (builds each image's environment "
+                "with its Dockerfile's install line)", pytrace=False)
+  return str(py)
+
+
+def test_dockerfiles_install_with_the_scripts_the_setup_runs():
+  """scripts/setup_image_envs.sh runs the build stage's `RUN bash scripts/install_*_env.sh
+  /opt/venv` line of each Dockerfile, so these lines are the whole install."""
+  for dockerfile, line in (
+      ("Dockerfile.serve", "RUN bash scripts/install_gateway_env.sh /opt/venv"),
+      ("Dockerfile.train", 'RUN bash scripts/install_train_env.sh /opt/venv "${VARIANT}"')):
+    build = re.split(r"(?m)^FROM ", (REPO / dockerfile).read_text())[1]
+    runs = [x for x in re.sub(r"\\\n", " ", build).splitlines() if x.startswith("RUN ")]
+    assert line in runs and not any("pip" in r for r in runs), (dockerfile, runs)
+  setup = (REPO / "scripts/setup_image_envs.sh").read_text()
+  assert "^RUN bash scripts/install_[a-z]+_env" in setup
+
+
+def test_gateway_image_pins_are_their_sources_and_closed():
+  image = pins(REQ / "gateway-image.txt")
+  serving = pins(REQ / "serving.txt")
+  for name in ("numpy", "onnxruntime", "pillow", "tritonclient"):
+    assert image[name] == serving[name], name
+  assert image["protobuf"] == pins(REQ / "triton-backend.txt")["protobuf"]
+  for name in ("fsspec", "s3fs", "aiobotocore", "botocore"):
+    assert image[name] == LOCK[name], name
   api = pins(REQ / "serving-api.txt", skip_test_only=True)
-  assert {n: v for n, v in api.items() if LOCK.get(n) != v} == {}
+  assert {n: v for n, v in api.items() if image.get(n) != v} == {}
+  # The environment built from it holds exactly these pins, nothing more (closed under deps).
+  r = subprocess.run([image_python("serve"), "-m", "pip", "list", "--format=json"],
+                     capture_output=True, text=True, check=True)
+  installed = {canonical(p["name"]): p["version"] for p in json.loads(r.stdout)}
+  for seeded in ("pip", "setuptools"):  # what `python -m venv` puts in every venv
+    installed.pop(seeded, None)
+  assert installed == image
 
 
 def test_triton_python_backend_pins_are_the_serving_env():
@@ -113,67 +155,105 @@ def image_files(dockerfile: str, dest: Path) -> None:
         shutil.copy(path, out)
 
 
+def image_environ(image: str, **extra: str) -> dict[str, str]:
+  """A process environment with only the image's venv on PATH: none of this test run's."""
+  return {"PATH": f"{IMAGE_ENVS[image] / 'bin'}:/usr/bin:/bin", "LANG": "C.UTF-8",
+          "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
 def test_gateway_image_files_import_without_jax(tmp_path):
-  """The gateway (and the registry deploy step compose/k8s run in its image) from exactly the
-  image's files: no site .pth (so not this checkout), the lock's packages, and no jax."""
+  """The gateway, both backends' clients and the registry deploy step, from exactly the image's
+  files and the image's environment: jaxclf from the image's /app, and no jax."""
   image_files("Dockerfile.serve", tmp_path / "app")
-  site = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
-  code = ("import sys, serving.app, serving.predict_cli, jaxclf.export.cli, jaxclf.deploy.sync, "
-          "jaxclf.export.triton\nfrom jaxclf.registry import resolve_model_uri\n"
-          "import jaxclf\nassert all(p.startswith(sys.argv[1]) for p in jaxclf.__path__), jaxclf.__path__\n"
+  code = ("import sys, serving.app, serving.predict_cli, jaxclf.deploy.cli, jaxclf.deploy.sync, "
+          "jaxclf.export.triton, tritonclient.grpc, tritonclient.http\n"
+          "from jaxclf.registry import resolve_model_uri\n"
+          "from jaxclf.export.triton_config import model_config_module\nmodel_config_module()\n"
+          "import jaxclf\n"
+          "assert all(p.startswith(sys.argv[1]) for p in jaxclf.__path__), jaxclf.__path__\n"
           "heavy = [m for m in ('jax', 'jaxlib', 'onnx', 'flax') if m in sys.modules]\n"
           "assert not heavy, heavy\nprint('ok')")
-  env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{tmp_path / 'app'}:{site}"}
-  r = subprocess.run([sys.executable, "-S", "-c", code, str(tmp_path / "app")], cwd=tmp_path,
-                     env=env, capture_output=True, text=True, timeout=120)
+  r = subprocess.run([image_python("serve"), "-c", code, str(tmp_path / "app")], cwd=tmp_path,
+                     env=image_environ("serve", PYTHONPATH=str(tmp_path / "app")),
+                     capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_image_file_check_catches_a_missing_copy(tmp_path):
   image_files("Dockerfile.serve", tmp_path / "app")
   shutil.rmtree(tmp_path / "app" / "jaxclf" / "registry")
-  r = subprocess.run([sys.executable, "-S", "-c", "import serving.predict_cli, jaxclf.export.cli; "
-                      "from jaxclf.registry import Registry"],
-                     env={"PYTHONPATH": str(tmp_path / "app")}, capture_output=True, text=True)
+  r = subprocess.run([image_python("serve"), "-c", "import serving.predict_cli, jaxclf.deploy.cli; "
+                      "from jaxclf.registry import Registry"], cwd=tmp_path,
+                     env=image_environ("serve", PYTHONPATH=str(tmp_path / "app")),
+                     capture_output=True, text=True, timeout=120)
   assert r.returncode != 0 and "jaxclf.registry" in r.stderr
 
 
+def train_image_app(tmp: Path) -> Path:
+  """The training image's runtime stage: WORKDIR /app holding configs/ only."""
+  image_files("Dockerfile.train", tmp / "app")
+  assert sorted(p.name for p in (tmp / "app").iterdir()) == ["configs"]
+  return tmp / "app"
+
+
+def train_environ(tmp: Path) -> dict[str, str]:
+  cache = os.environ.get("JAXCLF_CACHE", str(Path.home() / ".cache" / "jaxclf"))
+  return image_environ("train", HOME=str(tmp), JAXCLF_CACHE=cache, JAX_PLATFORMS="cpu")
+
+
 @pytest.mark.slow
-def test_train_image_install_steps_train_tiny(tmp_path):
-  """scripts/install_train_env.sh (what Dockerfile.train RUNs) in a fresh venv, from a copy of
-  the build context, then the image's entrypoint on the tiny config, outside the source tree."""
-  ctx = tmp_path / "ctx"
-  for rel in ("requirements", "scripts/install_train_env.sh", "pyproject.toml", "setup.py",
-              "README.md", "jaxclf", "configs"):
-    src, dst = REPO / rel, ctx / rel
-    if src.is_dir():
-      shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    else:
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy(src, dst)
-  venv = tmp_path / "venv"
-  env = {k: v for k, v in os.environ.items() if k != "PIP_NO_CACHE_DIR"}  # keep the wheel cache
-  r = subprocess.run(["bash", "scripts/install_train_env.sh", str(venv), "cpu"], cwd=ctx, env=env,
-                     capture_output=True, text=True, timeout=1800)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-  assert "train env ok: jax 0.10.2" in r.stdout
-  size_mb = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
-  print(f"training env (cpu variant) installed size: {size_mb:.0f} MiB")  # the README's image estimate
-  app = tmp_path / "app"  # the runtime stage: WORKDIR /app with configs/ only
-  shutil.copytree(REPO / "configs", app / "configs")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAXCLF_")}
-  env["JAXCLF_CACHE"] = os.environ.get("JAXCLF_CACHE", str(Path.home() / ".cache" / "jaxclf"))
-  r = subprocess.run([str(venv / "bin" / "python"), "-m", "jaxclf.main",
-                      "--config=configs/cnn.py:tiny", f"--workdir={tmp_path / 'runs' / 'tiny'}"],
-                     cwd=app, env=env, capture_output=True, text=True, timeout=1800)
+def test_train_image_env_trains_tiny(tmp_path):
+  """The image's entry point (`python -m jaxclf.main`) from the training image's environment,
+  outside the source tree, on the tiny config: jaxclf is the installed package, not a checkout."""
+  py = image_python("train")
+  app = train_image_app(tmp_path)
+  r = subprocess.run([py, "-m", "jaxclf.main", "--config=configs/cnn.py:tiny",
+                      f"--workdir={tmp_path / 'runs' / 'tiny'}"],
+                     cwd=app, env=train_environ(tmp_path), capture_output=True, text=True,
+                     timeout=1800)
   assert r.returncode == 0, r.stderr[-4000:]
   record = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
   assert record["status"] == "completed", record.get("status")
   assert 0.0 <= record["metrics"]["test"]["accuracy"] <= 1.0
-  loc = subprocess.run([str(venv / "bin" / "python"), "-c", "import jaxclf.main; print(jaxclf.main.__file__)"],
-                       cwd=app, capture_output=True, text=True, check=True).stdout
-  assert loc.startswith(str(venv)), loc  # the installed package, not a checkout
+  loc = subprocess.run([py, "-c", "import jaxclf.main; print(jaxclf.main.__file__)"], cwd=app,
+                       env=train_environ(tmp_path), capture_output=True, text=True,
+                       check=True).stdout
+  assert loc.startswith(str(IMAGE_ENVS["train"])), loc
+
+
+def test_train_image_env_runs_tensorboard_and_the_sweep_worker_command(tmp_path):
+  """compose's tensorboard service (its entrypoint, on a loopback port) and the Kubernetes sweep
+  Job's command (`python -m jaxclf.cli sweep ... --worker`, here its --help: the whole command
+  group imports) from the training image's environment."""
+  from conftest import free_port, wait_for_http
+  app = train_image_app(tmp_path)
+  env = train_environ(tmp_path)
+  compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["tensorboard"]
+  cmd = list(compose["entrypoint"])
+  assert cmd[:3] == ["tensorboard", "--logdir", "/runs"] and "--bind_all" in cmd
+  port = free_port()
+  cmd = ["tensorboard", "--logdir", str(tmp_path / "runs"), "--host", "127.0.0.1", "--port",
+         str(port)]  # loopback here instead of --bind_all
+  (tmp_path / "runs").mkdir()
+  log = open(tmp_path / "tensorboard.log", "wb")
+  proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    wait_for_http(f"http://127.0.0.1:{port}/", proc, 120, "tensorboard did not start: "
+                  + (tmp_path / "tensorboard.log").read_text(errors="replace")[-2000:])
+  finally:
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+  job = list(yaml.safe_load_all((REPO / "deploy/k8s/jobs/optuna-sweep.yaml").read_text()))[-1]
+  container = job["spec"]["template"]["spec"]["containers"][0]
+  assert container["command"] == ["python", "-m", "jaxclf.cli"]
+  assert container["args"][0] == "sweep"
+  r = subprocess.run([image_python("train"), "-m", "jaxclf.cli", "sweep", "--help"], cwd=app,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "--worker" in r.stdout, r.stderr[-3000:]
+  r = subprocess.run([image_python("train"), "-c", "import optuna, psycopg, sqlalchemy"],
+                     cwd=app, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]  # RDB storage: postgresql+psycopg://
 
 
 def test_lock_is_closed_under_its_dependencies():
@@ -198,3 +278,197 @@ def test_lock_is_closed_under_its_dependencies():
         missing.setdefault(name, []).append(req.name)
   assert not_installed == [], f"locked but not installed in this venv: {not_installed}"
   assert missing == {}, f"locked packages depend on unlocked ones: {missing}"
+
+
+# ------------------------------------------------- the gateway image, run as compose and k8s run it
+
+def dockerfile_env(dockerfile: str, paths: dict[str, str]) -> dict[str, str]:
+  """The runtime stage's ENV, container paths mapped to local ones (`paths`, longest first)."""
+  text = re.sub(r"\\\n", " ", re.split(r"(?m)^FROM ", (REPO / dockerfile).read_text())[-1])
+  env = {}
+  for line in text.splitlines():
+    if line.startswith("ENV "):
+      for k, v in re.findall(r"(\w+)=(\S+)", line):
+        for src in sorted(paths, key=len, reverse=True):
+          v = v.replace(src, paths[src])
+        env[k] = v.replace("$PATH", "/usr/bin:/bin")
+  return env
+
+
+def resolve(value, subs: dict[str, str]) -> str:
+  """A compose value: ${VAR:-default} -> default, then service hosts -> local addresses."""
+  value = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+  for src, dst in subs.items():
+    value = value.replace(src, dst)
+  return value
+
+
+@pytest.fixture(scope="module")
+def gateway_image(s3_server, tmp_path_factory):
+  """The gateway image's files and env, and a registry on a real S3 server (moto) at the place
+  compose's settings name (s3://jaxclf/registry) holding one production version."""
+  import boto3
+  from jaxclf.registry import Registry
+  from test_serving import session_export
+  tmp = tmp_path_factory.mktemp("gateway-image")
+  image_files("Dockerfile.serve", tmp / "app")
+  boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="jaxclf")
+  export = session_export(tmp_path_factory)
+  registry = Registry("s3://jaxclf/registry")
+  version = registry.register(str(export), "fashion").version
+  registry.promote("fashion", version, "production", reason="image test")
+  python = image_python("serve")
+  yield {"tmp": tmp, "app": tmp / "app", "export": export, "python": python, "s3": s3_server}
+
+
+def run_in_gateway_image(img: dict, cmd: list[str], service_env: dict[str, str], models: Path,
+                         **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+  env = dockerfile_env("Dockerfile.serve", {"/opt/venv": str(IMAGE_ENVS["serve"]),
+                                            "/app": str(img["app"]), "/models": str(models)})
+  env.update(service_env)
+  env.update(HOME=str(img["tmp"]), LANG="C.UTF-8")
+  cmd = [img["python"] if c == "python" else c.replace("/models", str(models)) for c in cmd]
+  if popen:
+    return subprocess.Popen(cmd, cwd=img["app"], env=env, **popen)
+  return subprocess.run(cmd, cwd=img["app"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def compose_service(name: str, subs: dict[str, str]):
+  """(entrypoint, resolved environment, compose.gpu.yaml's entrypoint) of a compose service."""
+  svc = {**yaml.safe_load((REPO / "compose.yaml").read_text())["services"][name]}
+  gpu = yaml.safe_load((REPO / "compose.gpu.yaml").read_text())["services"].get(name, {})
+  assert svc.get("build", {}).get("dockerfile") == "Dockerfile.serve", name
+  env = {k: resolve(v, subs) for k, v in svc.get("environment", {}).items()}
+  return svc.get("entrypoint"), env, gpu.get("entrypoint")
+
+
+def test_gateway_image_deploys_the_registry_into_a_model_repository(gateway_image, tmp_path):
+  """compose's model-repository service (CPU: --no-gpu), compose.gpu.yaml's and the Kubernetes
+  init container's command (GPU instance groups), each from the gateway image's env, with their
+  own settings, against the registry on S3: each writes a repository whose configs parse."""
+  img = gateway_image
+  subs = {"http://minio:9000": img["s3"], "/tmp/jaxclf-cache": str(tmp_path / "cache")}
+  entry, env, gpu_entry = compose_service("model-repository", subs)
+  triton_k8s = list(yaml.safe_load_all((REPO / "deploy/k8s/base/triton.yaml").read_text()))[0]
+  init = triton_k8s["spec"]["template"]["spec"]["initContainers"][0]
+  assert init["image"] == "jaxclf-gateway"
+  kustomization = yaml.safe_load((REPO / "deploy/k8s/base/kustomization.yaml").read_text())
+  k8s_env = dict(x.split("=", 1) for x in kustomization["configMapGenerator"][0]["literals"])
+  k8s_env = {k: resolve(v, subs) for k, v in k8s_env.items()}
+  k8s_env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                 JAXCLF_CACHE=str(tmp_path / "cache-k8s"))
+  for label, cmd, run_env in (("compose", entry, env), ("compose.gpu", gpu_entry, env),
+                              ("k8s", init["command"], k8s_env)):
+    models = tmp_path / label
+    models.mkdir()
+    r = run_in_gateway_image(img, cmd, run_env, models)
+    assert r.returncode == 0, f"{label}: {r.stderr[-3000:]}"
+    configs = sorted(p.relative_to(models).as_posix() for p in models.rglob("config.pbtxt"))
+    assert "fashion_image/config.pbtxt" in configs, (label, configs)
+    kinds = {p.parent.name: set(re.findall(r"kind: (KIND_\w+)", p.read_text()))
+             for p in models.glob("*/config.pbtxt")}
+    # --no-gpu (compose on CPU) leaves out fashion_onnx, the twin Triton serves on the GPU.
+    want_gpu = {"fashion_onnx": {"KIND_GPU"}} if "--no-gpu" not in cmd else {}
+    assert {k: v for k, v in kinds.items() if "KIND_GPU" in v} == want_gpu, (label, kinds)
+
+
+def start_gateway(img: dict, service_env: dict[str, str], models: Path, log: Path):
+  from conftest import free_port
+  port = free_port()
+  # Loopback only here (the image listens on 0.0.0.0 inside its own network namespace).
+  env = {**service_env, "JAXCLF_SERVE_HOST": "127.0.0.1", "JAXCLF_SERVE_PORT": str(port)}
+  entry = ["python", "-m", "serving.predict_cli", "serve"]
+  assert f'ENTRYPOINT {json.dumps(entry)}' in (REPO / "Dockerfile.serve").read_text()
+  out = open(log, "wb")
+  proc = run_in_gateway_image(img, entry, env, models, stdout=out, stderr=subprocess.STDOUT)
+  return proc, f"http://127.0.0.1:{port}", out
+
+
+def predict_matches_onnxruntime(img: dict, url: str, api_key: str | None, log: Path):
+  import requests
+  from jaxclf.evaluate.model_loader import load_model
+  from jaxclf.data.transforms import preprocess
+  from serving.backends import softmax
+  from test_serving import fashion_arrays, png
+  x = fashion_arrays()["test"][0][:2]
+  model = load_model(str(img["export"]))
+  headers = {"X-API-Key": api_key} if api_key else {}
+  for arr in x:
+    r = requests.post(url + "/v1/predict?top_k=10", files={"file": ("a.png", png(arr))},
+                      headers=headers, timeout=60)
+    assert r.status_code == 200, r.text + log.read_text(errors="replace")[-2000:]
+    got = np.zeros(10)
+    for p in r.json()["predictions"]:
+      got[p["index"]] = p["confidence"]
+    want = softmax(model.logits(preprocess(arr, model.spec)[None]))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)  # test_serving's Triton-vs-ORT tolerance
+
+
+def wait_ready(proc, url: str, log: Path) -> dict:
+  from conftest import wait_for_http
+  import requests
+  wait_for_http(url + "/healthz", proc, 120, "gateway did not start:\n"
+                + log.read_text(errors="replace")[-3000:])
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline:  # /readyz: 200 once the model is loaded and warmed up
+    r = requests.get(url + "/readyz", timeout=5)
+    if r.status_code == 200:
+      return r.json()
+    assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+    time.sleep(0.2)
+  raise AssertionError("gateway never ready:\n" + log.read_text(errors="replace")[-3000:])
+
+
+def stop(proc, out) -> None:
+  service_helpers.stop(proc)
+  out.close()
+
+
+def test_gateway_image_serves_with_triton_as_compose_runs_it(gateway_image, tmp_path):
+  """compose's model-repository step, a real tritonserver (the serving env's, as the Triton image
+  runs it) on that repository, then compose's gateway service, its settings as written
+  (JAXCLF_SERVE_BACKEND=triton over gRPC, the model from the registry on S3, the API key), from
+  the gateway image's env: its answers are onnxruntime's on the same export."""
+  from jaxclf.export.serving_env import ServingEnv, ServingEnvError
+  from jaxclf.export.triton_server import TritonServer
+  img = gateway_image
+  try:
+    serving_env = ServingEnv.find()
+  except ServingEnvError as e:
+    pytest.fail(f"{e}: run scripts/setup_serving_env.sh", pytrace=False)
+  subs = {"http://minio:9000": img["s3"], "/tmp/jaxclf-cache": str(tmp_path / "cache")}
+  entry, env, _ = compose_service("model-repository", subs)
+  models = tmp_path / "models"
+  models.mkdir()
+  r = run_in_gateway_image(img, entry, env, models)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with TritonServer(str(models), env=serving_env, log_path=str(tmp_path / "triton.log")) as triton:
+    subs["triton:8001"] = triton.grpc_url
+    _, gw_env, _ = compose_service("gateway", subs)
+    assert gw_env["JAXCLF_SERVE_BACKEND"] == "triton" and gw_env["JAXCLF_SERVE_TRITON_URL"] \
+        == triton.grpc_url
+    log = tmp_path / "gateway.log"
+    proc, url, out = start_gateway(img, gw_env, tmp_path / "unused-models", log)
+    try:
+      ready = wait_ready(proc, url, log)
+      assert ready["model"]["backend"] == "triton", ready
+      predict_matches_onnxruntime(img, url, gw_env["JAXCLF_SERVE_API_KEY"], log)
+    finally:
+      stop(proc, out)
+
+
+def test_gateway_image_serves_with_onnx_by_default(gateway_image, tmp_path):
+  """The image's own defaults (ENV: the onnx backend, the export mounted at /models/current, as
+  its `docker run -v ...:/models/current` line does)."""
+  img = gateway_image
+  models = tmp_path / "models"
+  models.mkdir()
+  (models / "current").symlink_to(img["export"], target_is_directory=True)
+  log = tmp_path / "gateway.log"
+  proc, url, out = start_gateway(img, {}, models, log)
+  try:
+    ready = wait_ready(proc, url, log)
+    assert ready["model"]["backend"] == "onnx", ready
+    predict_matches_onnxruntime(img, url, None, log)
+  finally:
+    stop(proc, out)

@@ -41,7 +41,13 @@ def summarize(record: dict[str, Any], run_dir: str) -> dict[str, Any]:
                       if k.split(".")[0] in HPARAM_SECTIONS and k not in _NOT_HPARAMS}}
 
 
+# The columns `--sort` can order by (numbers all); accuracies sort best first, the rest ascending.
+SORT_KEYS = ("val_accuracy", "test_accuracy", "val_loss", "duration_s", "epochs")
+
+
 def load_runs(paths: list[str], sort: str = "val_accuracy") -> list[dict[str, Any]]:
+  if sort not in SORT_KEYS:  # an unknown key would sort nothing and say nothing
+    raise ValueError(f"--sort {sort!r}: not a sortable column; one of {', '.join(SORT_KEYS)}")
   rows = []
   for p in paths:
     f = os.path.join(p, "run.json")
@@ -152,7 +158,8 @@ def add_runs_commands(sub) -> None:
   c = rs.add_parser("compare", help="hyperparameter diff, metric table, overlaid val curves")
   c.add_argument("paths", nargs="+")
   for q in (ls, c):
-    q.add_argument("--sort", default="val_accuracy", help="a column: val_accuracy, val_loss, ...")
+    q.add_argument("--sort", default="val_accuracy", choices=SORT_KEYS,
+                   help="the column to order by (accuracies best first, the rest ascending)")
     q.add_argument("--json", action="store_true")
   c.add_argument("--html", help="write a self-contained HTML page here")
   c.add_argument("--png", help="write the overlaid val curves here")
