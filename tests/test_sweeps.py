@@ -32,6 +32,9 @@ def get_sweep(name):
     return {{"sampler": "grid", "seed": 0, "pruner": "asha",
              "space": {{"optimizer.learning_rate": {{"categorical": [0.05, 1e-6]}},
                        "train.batch_size": {{"categorical": [32, 4096]}}}}}}
+  if name == "lr":  # three one-epoch trials that differ in the learning rate only
+    return {{"sampler": "random", "trials": 3, "seed": 0, "set": {{"train.num_epochs": 1}},
+             "space": {{"optimizer.learning_rate": {{"float": (0.01, 0.1), "log": True}}}}}}
   if name == "random":
     return {{"sampler": "random", "trials": 3, "seed": 0, "set": {{"train.num_epochs": 1}},
              "space": {{"optimizer.name": {{"categorical": ["sgd", "adamw"]}},
@@ -327,12 +330,14 @@ def test_ctrl_c_leaves_a_resumable_sweep_and_dead_workers_are_retried(tiny_confi
   proc = subprocess.Popen([sys.executable, "-m", "jaxclf.cli", "sweep", "--resume", str(workdir)],
                           cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 240
-  while time.time() < deadline:  # wait for a trial's first epoch
-    runs = list(workdir.glob("trials/*/run.json"))
-    if any(json.loads(p.read_text()).get("history") for p in runs):
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline:  # wait for a trial's first committed checkpoint
+    # (a step folder named by its number alone: Orbax's temporary folders carry a suffix). Its
+    # run.json's history can show an epoch before that epoch's checkpoint is committed, and a
+    # SIGINT then would leave nothing to resume from.
+    if any(d.name.isdigit() for d in workdir.glob("trials/*/checkpoints/latest/*")):
       break
-    time.sleep(0.5)
+    time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   out = proc.communicate(timeout=120)[0]
   assert proc.returncode == 130, out
@@ -365,3 +370,95 @@ def test_a_trial_that_trained_every_epoch_is_never_marked_pruned():
   assert on_epoch({"epoch": 1, "val_accuracy": 0.5}) == "pruned"
   assert on_epoch({"epoch": 3, "val_accuracy": 0.5}) is None
   assert trial.user_attrs["last_epoch"] == {"epoch": 3, "val_accuracy": 0.5}
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--sampler", "tpe", "--sampler 'tpe' with --resume: {w} is a sweep with sampler 'grid'"),
+    ("--pruner", "median", "--pruner 'median' with --resume: {w} is a sweep with pruner 'asha'"),
+    ("--storage", "postgresql://u@127.0.0.1/db",
+     "--storage 'postgresql://u@127.0.0.1/db' with --resume: {w} is a sweep with storage the "
+     "journal file"),
+    ("--set", "train.num_epochs=9", "--set ['train.num_epochs=9'] with --resume"),
+    ("--config", "configs/cnn.py", "--config with --resume"),
+])
+def test_resume_refuses_an_option_it_cannot_apply(mixed_sweep, capsys, option, value, message):
+  from jaxclf.cli import main
+  w = str(mixed_sweep["workdir"])
+  plan = (mixed_sweep["workdir"] / "sweep.json").read_text()
+  assert main(["sweep", "--resume", w, option, value]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message.format(w=w) in err, err
+  assert (mixed_sweep["workdir"] / "sweep.json").read_text() == plan  # nothing changed
+
+
+def test_resume_takes_a_new_trial_budget_and_the_options_it_already_has(mixed_sweep, tmp_path):
+  import shutil
+  from jaxclf.cli import main
+  from jaxclf.sweeps import runner
+  w = tmp_path / "copy"
+  shutil.copytree(mixed_sweep["workdir"], w)
+  # the same sampler/pruner as recorded is no change; a smaller budget: no new trial runs
+  assert main(["sweep", "--resume", str(w), "--trials", "3", "--pruner", "asha",
+               "--sampler", "grid"]) == 0
+  assert json.loads((w / "sweep.json").read_text())["sweep"]["trials"] == 3
+  assert len(runner.open_study(runner.load_plan(str(w)), str(w)).trials) == 4
+
+
+# A real MLflow server of its own (stopped mid-run) and three tiny epochs: over a minute here.
+@pytest.mark.slow
+def test_mlflow_server_lost_mid_run_is_one_warning_and_the_run_record_is_complete(
+    tiny_config, tmp_path, caplog):
+  from jaxclf.config import load_config
+  from jaxclf.tracking.tracked_run import train_with_tracking
+  from service_helpers import start_mlflow_server, stop
+  url, proc = start_mlflow_server(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db",
+                                  ["--artifacts-destination", str(tmp_path / "artifacts")])
+  config = load_config(tiny_config, [f"tracking.mlflow_uri={url}", "train.num_epochs=3"])
+  workdir = tmp_path / "run"
+
+  def lose_the_server(entry):  # after epoch 1 reached MLflow
+    if entry["epoch"] == 1:
+      stop(proc)
+  try:
+    with caplog.at_level("WARNING", logger="jaxclf.mlflow"):
+      record = train_with_tracking(config, str(workdir), epoch_callback=lose_the_server)
+  finally:
+    stop(proc)
+  warnings = [r.getMessage() for r in caplog.records if r.name == "jaxclf.mlflow"]
+  assert len(warnings) == 1 and "training goes on without MLflow" in warnings[0], warnings
+  run = json.loads((workdir / "run.json").read_text())
+  assert record["status"] == run["status"] == "completed"
+  assert [h["epoch"] for h in run["history"]] == [1, 2, 3]
+  assert all(h["val_accuracy"] is not None for h in run["history"])
+  assert run["metrics"]["val"]["accuracy"] is not None
+  assert run["metrics"]["test"]["accuracy"] is not None
+  assert run["mlflow"]["run_id"] == json.loads((workdir / "mlflow.json").read_text())["run_id"]
+  assert (workdir / "config.json").exists() and list((workdir / "checkpoints").iterdir())
+
+
+def test_a_postgresql_url_without_a_driver_gets_psycopg_3_and_grace_is_checked(capsys):
+  from jaxclf.cli import main
+  from jaxclf.sweeps.study import heartbeat_interval, sqlalchemy_url
+  assert sqlalchemy_url("postgresql://u:p@db:5432/optuna") == \
+      "postgresql+psycopg://u:p@db:5432/optuna"
+  assert sqlalchemy_url("postgresql+psycopg2://u@db/o") == "postgresql+psycopg2://u@db/o"
+  assert sqlalchemy_url("sqlite:///s.db") == "sqlite:///s.db"
+  assert heartbeat_interval(60) == 10 and heartbeat_interval(15) == 5
+  with pytest.raises(SystemExit) as e:
+    main(["sweep", "--config", "c.py", "--sweep", "s", "--workdir", "w", "--grace", "5"])
+  assert e.value.code == 2 and "argument --grace: '5': give seconds, at least 15" in \
+      capsys.readouterr().err
+
+
+def test_a_storage_url_with_a_password_is_refused_before_anything_is_written(tiny_config,
+                                                                              tmp_path):
+  """sweep.json keeps --storage on the shared workdir: a password in the URL would be kept there
+  too, so it is one error naming the option (password masked), and nothing is written."""
+  from jaxclf.sweeps import runner, space
+  with pytest.raises(space.SpaceError) as e:
+    runner.prepare(tiny_config, "mixed", str(tmp_path / "s"),
+                   storage="postgresql://optuna:s3cret@db:5432/optuna")
+  message = str(e.value)
+  assert message.startswith("--storage postgresql://optuna:***@db:5432/optuna: the URL holds a "
+                            "password") and "PGPASSWORD" in message and "s3cret" not in message
+  assert not (tmp_path / "s").exists()

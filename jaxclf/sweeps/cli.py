@@ -3,7 +3,10 @@
   jaxclf sweep --config configs/cnn.py --sweep random --workdir sweeps/s1 --parallel 2
   jaxclf sweep --config configs/cnn.py --sweep tpe --workdir sweeps/s2 --pruner asha \\
       [--storage postgresql://...]          (default: the journal file sweeps/s2/study.journal)
-  jaxclf sweep --resume sweeps/s2           (skips finished trials, resumes unfinished ones)
+  jaxclf sweep --resume sweeps/s2 [--trials 32]   (skips finished trials, resumes unfinished
+                                            ones; --trials changes the budget. The storage,
+                                            sampler, pruner and --set are the sweep's own: a
+                                            different one on --resume is an error)
   jaxclf sweep --config ... --worker        (one worker on a shared study: run it on each machine)
 """
 from __future__ import annotations
@@ -17,12 +20,20 @@ def _run(a) -> int:
   from jaxclf.sweeps import runner
   from jaxclf.sweeps.summary import format_summary
   workdir = a.resume or a.workdir
-  if not a.resume:
+  if a.resume:
+    for option in ("config", "sweep", "workdir", "grace"):
+      if getattr(a, option) is not None:
+        print(f"jaxclf sweep: error: --{option} with --resume: the sweep in {a.resume} keeps "
+              f"its own (sweep.json)", file=sys.stderr)
+        return 2
+    runner.resume_plan(a.resume, trials=a.trials, sampler=a.sampler, pruner=a.pruner,
+                       storage=a.storage, set=a.set)
+  else:
     if not (a.config and a.sweep and a.workdir):
       print("jaxclf sweep: give --config, --sweep and --workdir (or --resume DIR)", file=sys.stderr)
       return 2
     runner.prepare(a.config, a.sweep, a.workdir, sampler=a.sampler, pruner=a.pruner,
-                   trials=a.trials, storage=a.storage, overrides=a.set)
+                   trials=a.trials, storage=a.storage, overrides=a.set, grace_s=a.grace)
   if a.worker:
     runner.run_worker(workdir, threads=a.threads, index=a.worker_index)
     from jaxclf.sweeps.summary import write_summary  # each worker (pod) leaves a current summary
@@ -37,6 +48,17 @@ def _run(a) -> int:
   return 0
 
 
+def _grace(text: str) -> float:
+  import argparse
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if value < 15:  # the journal heartbeat beats every 10 s: less would kill live workers
+    raise argparse.ArgumentTypeError(f"{text!r}: give seconds, at least 15")
+  return value
+
+
 def add_sweep_commands(sub) -> None:
   s = sub.add_parser("sweep", help="hyperparameter search (Optuna) over a config's get_sweep()",
                      description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
@@ -48,6 +70,8 @@ def add_sweep_commands(sub) -> None:
   s.add_argument("--pruner", choices=PRUNERS, help="override the sweep's pruner")
   s.add_argument("--trials", type=int, help="override the sweep's trial budget")
   s.add_argument("--storage", help="RDB URL shared by many machines (default: journal file)")
+  s.add_argument("--grace", type=_grace, metavar="SECONDS", help="a worker whose heartbeat is "
+                 "this old is dead; its trial runs again from its checkpoint (default 60, min 15)")
   s.add_argument("--parallel", type=int, default=1, help="trial processes on this machine")
   s.add_argument("--worker", action="store_true", help="run one worker here and exit")
   s.add_argument("--threads", type=int, help=__import__("argparse").SUPPRESS)

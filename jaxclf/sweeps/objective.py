@@ -86,7 +86,8 @@ class Objective:
     return float(val[key])
 
   def _train(self, trial: optuna.Trial) -> dict[str, Any]:
-    from jaxclf.sweeps.tracked import train_tracked  # jax loads in the worker, not the parent
+    # jax loads in the worker, not the parent
+    from jaxclf.tracking.tracked_run import train_with_tracking
     params = spaces.suggest(trial, self.sweep)
     run_dir = trial_dir(self.workdir, trial)
     os.makedirs(run_dir, exist_ok=True)
@@ -100,6 +101,7 @@ class Objective:
                           "sweep": self.sweep_name, "worker": trial.user_attrs.get("worker")},
                          default=list) + "\n")
     with Heartbeat(os.path.join(run_dir, "heartbeat")):
-      return train_tracked(config, run_dir, tags={"sweep": self.sweep_name, "trial": str(number)},
-                           epoch_callback=_pruning_callback(
-                               trial, self.sweep["metric"], int(config.train.num_epochs)))
+      return train_with_tracking(config, run_dir,
+                                 tags={"sweep": self.sweep_name, "trial": str(number)},
+                                 epoch_callback=_pruning_callback(
+                                     trial, self.sweep["metric"], int(config.train.num_epochs)))

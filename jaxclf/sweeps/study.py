@@ -10,7 +10,8 @@ Dead workers: a worker that died leaves its trial RUNNING. With an RDB URL, Optu
 RetryHeartbeatStaleTrialCallback (Optuna 5's name for RetryFailedTrialCallback) enqueues them
 again. The journal backend has no heartbeat, so each worker touches `<trial dir>/heartbeat` on the
 same interval and `fail_stale_trials` below does the same thing by that file's age. Either way the
-retry runs in the original trial's directory and resumes from its checkpoint.
+retry runs in the original trial's directory and resumes from its checkpoint. The grace period
+is the sweep's `grace_s` (sweep.json, `jaxclf sweep --grace`), GRACE_S by default.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ MAX_RETRY = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def create_storage(workdir: str, url: str | None = None):
+def create_storage(workdir: str, url: str | None = None, grace_s: float = GRACE_S):
   if not url:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
     path = os.path.join(workdir, "study.journal")
@@ -36,11 +37,27 @@ def create_storage(workdir: str, url: str | None = None):
     # The open()-based lock works on NFS-like shared filesystems too (no symlinks needed).
     return optuna.storages.JournalStorage(JournalFileBackend(path, JournalFileOpenLock(path)))
   if url.startswith(("sqlite", "postgresql", "mysql")):
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=_retry_callback())
+    import warnings
+    with warnings.catch_warnings():  # the heartbeat is experimental in Optuna 5, and documented
+      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+      return optuna.storages.RDBStorage(
+          sqlalchemy_url(url), heartbeat_interval=heartbeat_interval(grace_s),
+          grace_period=int(grace_s), heartbeat_stale_trial_callback=_retry_callback())
   raise ValueError(f"--storage {url!r}: expected an RDB URL (postgresql://, mysql://, sqlite:///) "
                    "or nothing for the journal file")
+
+
+def heartbeat_interval(grace_s: float) -> int:
+  """A worker beats at least three times per grace period, so one late beat is not death."""
+  return max(1, min(HEARTBEAT_S, int(grace_s) // 3))
+
+
+def sqlalchemy_url(url: str) -> str:
+  """`postgresql://` means psycopg2 to SQLAlchemy; the lock ships psycopg 3 (its binary wheel,
+  requirements/sweeps.txt), so a URL without a driver gets that one."""
+  if url.startswith(("postgresql://", "postgres://")):
+    return "postgresql+psycopg://" + url.split("://", 1)[1]
+  return url
 
 
 def _retry_callback():
@@ -78,10 +95,11 @@ def create_pruner(name: str):
 
 
 def create_study(workdir: str, sweep: dict[str, Any], study_name: str, storage_url: str | None,
-                 sampler: str, pruner: str, direction: str) -> optuna.Study:
+                 sampler: str, pruner: str, direction: str,
+                 grace_s: float = GRACE_S) -> optuna.Study:
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   return optuna.create_study(
-      study_name=study_name, storage=create_storage(workdir, storage_url),
+      study_name=study_name, storage=create_storage(workdir, storage_url, grace_s),
       sampler=create_sampler(sampler, sweep), pruner=create_pruner(pruner),
       direction=direction, load_if_exists=True)
 
@@ -126,10 +144,14 @@ def retry(study: optuna.Study, trial, reason: str) -> None:
 
 
 def fail_stale_trials(study: optuna.Study, workdir: str, grace_s: float = GRACE_S) -> list[int]:
-  """The journal backend's heartbeat: RUNNING trials whose heartbeat file went quiet."""
+  """RUNNING trials whose worker went quiet are failed and enqueued again. An RDB storage has
+  Optuna's own heartbeat (a row per trial); the journal backend's is `<trial dir>/heartbeat`."""
   from optuna.storages import RDBStorage
   if isinstance(getattr(study._storage, "_backend", study._storage), RDBStorage):
-    return []  # Optuna's own heartbeat handles RDB storages
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    optuna.storages.fail_stale_trials(study)  # Optuna runs it only as a new trial starts
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return sorted(before & failed)
   stale = []
   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
     beat = os.path.join(trial_dir(workdir, t), "heartbeat")
@@ -139,6 +161,22 @@ def fail_stale_trials(study: optuna.Study, workdir: str, grace_s: float = GRACE_
       retry(study, t, f"worker stopped: no heartbeat for {age:.0f}s")
       stale.append(t.number)
   return stale
+
+
+def wait_for_running(study: optuna.Study, workdir: str, grace_s: float = GRACE_S,
+                     on_wait=None) -> list[int]:
+  """Blocks until no trial is RUNNING: each one either finishes (its worker is alive, maybe on
+  another machine) or goes quiet past the grace period and is failed and enqueued again.
+  Returns the numbers of the trials failed as stale."""
+  stale: list[int] = []
+  while True:
+    stale += fail_stale_trials(study, workdir, grace_s)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+      return stale
+    if on_wait is not None:
+      on_wait([t.number for t in running])
+    time.sleep(heartbeat_interval(grace_s))
 
 
 def resume_interrupted(study: optuna.Study) -> list[int]:

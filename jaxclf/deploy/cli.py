@@ -1,4 +1,5 @@
-"""`jaxclf export` and `jaxclf registry ...` (added to the main CLI by `add_export_commands`).
+"""`jaxclf export` and `jaxclf registry ...` (added to the main CLI by
+`add_export_and_registry_commands`): the commands that move a model from a run to serving.
 
   jaxclf export --run runs/cnn [--checkpoint best|latest|STEP] --out exports/cnn
   jaxclf registry register exports/cnn --name fashion          -> version N, stage experimental
@@ -6,6 +7,7 @@
   jaxclf registry promote fashion 3 --stage production --reason "beats v2 on test"
   jaxclf registry rollback fashion                              production -> the previous holder
   jaxclf registry deploy fashion --model-repository model_repository/ [--triton-url host:8000]
+  jaxclf registry deploy fashion --model-path models:/fashion@production --model-repository R
   jaxclf registry verify fashion 3
   jaxclf registry gate fashion staging --floor 0.85     promote if it beats production (exit 1: refused)
   jaxclf registry audit fashion                         the event log, gate verdicts included
@@ -15,6 +17,15 @@ promote/rollback/deploy with --model-repository (or $JAXCLF_MODEL_REPOSITORY) re
 model repository to serve the production version; with --triton-url (or $JAXCLF_TRITON_URL) the
 running server reloads it live. The registry root is --root, else $JAXCLF_REGISTRY, else
 ./registry_store. Nothing heavy is imported until a command runs.
+
+Both groups sit in the orchestration layer because they drive several layers at once: `export
+--register` exports (jaxclf/export/), registers (jaxclf/registry/) and mirrors the new version
+into MLflow (mlflow_mirror.py here); promote, rollback and deploy rewrite the Triton repository
+(sync.py), and gate runs gate.py. export/ and registry/ import nothing from here.
+
+With MLflow tracking on ($MLFLOW_TRACKING_URI, or the run's tracking.mlflow_uri for export),
+`export --register` also registers the export in MLflow's Model Registry, and promote/rollback/
+gate move the stage's MLflow alias (jaxclf/deploy/mlflow_mirror.py; docs/mlflow.md).
 """
 from __future__ import annotations
 
@@ -27,10 +38,13 @@ from typing import Any, Sequence
 
 def _errors() -> tuple[type[BaseException], ...]:
   from jaxclf.export.onnx import ExportError
-  from jaxclf.export.triton import ServingEnvError, TritonConfigError, TritonServerError
+  from jaxclf.export.serving_env import ServingEnvError
+  from jaxclf.export.triton_config import TritonConfigError
+  from jaxclf.export.triton_server import TritonServerError
   from jaxclf.registry import RegistryError
+  from jaxclf.tracking.model_registry import MlflowRegistryError
   return (ExportError, RegistryError, TritonConfigError, ServingEnvError, TritonServerError,
-          FileNotFoundError)
+          FileNotFoundError, MlflowRegistryError)
 
 
 def _guard(fn):
@@ -60,8 +74,15 @@ def _export(args) -> int:
                          "artifacts": result.artifacts}
   if args.register:
     from jaxclf.registry import Registry
-    mv = Registry(args.root).register(result.out_dir, args.register)
+    reg = Registry(args.root)
+    mv = reg.register(result.out_dir, args.register)
     out["registered"] = {"name": mv.name, "version": mv.version, "stage": mv.stage}
+    from jaxclf.tracking.model_registry import tracking_uri
+    uri = tracking_uri(result.metadata)
+    if uri:
+      from jaxclf.deploy.mlflow_mirror import register_in_mlflow
+      out["registered"]["mlflow"] = register_in_mlflow(reg, mv.name, mv.version, result.out_dir,
+                                                       uri)
   _print(out)
   return 0
 
@@ -130,6 +151,10 @@ def _sync(args, reg, out: dict[str, Any]) -> None:
     from jaxclf.deploy.sync import sync_serving
     out["serving"] = sync_serving(reg, args.name, repo, triton_url=url,
                                   serving_name=args.serving_name)
+  from jaxclf.deploy.mlflow_mirror import mirror_stage  # after serving: jaxclf's side first
+  mirrored = mirror_stage(reg, args.name, out)
+  if mirrored:
+    out["mlflow"] = mirrored
 
 
 def _promote(args) -> int:
@@ -156,6 +181,11 @@ def _deploy(args) -> int:
           file=sys.stderr)
     return 2
   from jaxclf.deploy.sync import sync_serving
+  if args.model_path:
+    from jaxclf.deploy.sync import sync_export
+    _print(sync_export(args.model_path, repo, args.serving_name or args.name, triton_url=url,
+                       gpu=not args.no_gpu))
+    return 0
   _print(sync_serving(reg, args.name, repo, stage=args.stage, triton_url=url,
                       serving_name=args.serving_name, gpu=not args.no_gpu))
   return 0
@@ -194,9 +224,12 @@ def _serving_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--serving-name", help="Triton model name (default: the registry name)")
 
 
-def add_export_commands(subparsers) -> None:
-  from jaxclf.registry.registry import STAGES  # light: no jax, no onnx
+def add_export_and_registry_commands(subparsers) -> None:
+  _add_export_command(subparsers)
+  _add_registry_commands(subparsers)
 
+
+def _add_export_command(subparsers) -> None:
   e = subparsers.add_parser("export", help="export a run's checkpoint to ONNX (parity-checked)")
   e.add_argument("--run", required=True, help="training run directory")
   e.add_argument("--checkpoint", default="best", help="best | latest | STEP")
@@ -208,6 +241,10 @@ def add_export_commands(subparsers) -> None:
   e.add_argument("--register", metavar="NAME", help="register the export under NAME afterwards")
   e.add_argument("--root", help="registry root for --register")
   e.set_defaults(func=_guard(_export))
+
+
+def _add_registry_commands(subparsers) -> None:
+  from jaxclf.registry.registry import STAGES  # light: no jax, no onnx
 
   r = subparsers.add_parser("registry", help="model registry: register, list, show, promote, rollback")
   r.add_argument("--root", help="registry root: a directory or fsspec URL (default "
@@ -280,14 +317,17 @@ def add_export_commands(subparsers) -> None:
   p.add_argument("name")
   p.add_argument("--stage", default="production")
   p.add_argument("--no-gpu", action="store_true", help="leave out NAME_onnx")
+  p.add_argument("--model-path", help="deploy this model instead of the registry's --stage: "
+                 "models:/NAME@ALIAS or models:/NAME/VERSION (MLflow's registry; needs "
+                 "$MLFLOW_TRACKING_URI), registry:NAME@stage, or an export dir")
   _serving_flags(p)
   p.set_defaults(func=_guard(_deploy))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Standalone entry (python -m jaxclf.export.cli ...), same commands as `jaxclf`."""
-  parser = argparse.ArgumentParser(prog="python -m jaxclf.export.cli")
-  add_export_commands(parser.add_subparsers(dest="command", required=True))
+  """Standalone entry (python -m jaxclf.deploy.cli ...), same commands as `jaxclf`."""
+  parser = argparse.ArgumentParser(prog="python -m jaxclf.deploy.cli")
+  add_export_and_registry_commands(parser.add_subparsers(dest="command", required=True))
   args = parser.parse_args(argv)
   return int(args.func(args) or 0)
 
