@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxclf.data import device_augment, pipeline, transforms
-from jaxclf.data.dataset import ArraySource, Split
+from jaxclf.data.types import ArraySource, Split
 
 SPEC = transforms.PreprocessSpec()
 

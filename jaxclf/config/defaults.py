@@ -40,6 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Eval: resize the shorter side to image_size / crop_fraction, then centre-crop image_size.
   c.preprocessing.crop_fraction = 1.0
 
+  # Training-only augmentation, the same spec on the device and in Grain. timm's fine-tuning
+  # families (docs/augmentation.md: each op's magnitude scale, the soft targets) are off by
+  # default; timm's `--aa rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 --reprob 0.25` is
+  # auto=randaugment (its defaults), mixup=0.8, cutmix=1.0, random_erasing=0.25.
   c.augment = ml_collections.ConfigDict()
   c.augment.translate = 2  # max px of random shift (edge padding, random crop back); 0 = off
   c.augment.random_resized_crop = False  # Inception-style crop of crop_scale of the area, resized
@@ -50,6 +54,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.brightness = 0.0  # pixels times a factor in 1 +- x; 0 = off
   c.augment.contrast = 0.0  # distance from the mean times a factor in 1 +- x; 0 = off
   c.augment.saturation = 0.0  # RGB only: distance from grey times a factor in 1 +- x; 0 = off
+  # '' (off) | randaugment | trivialaugment: the same ops per example on both input paths
+  c.augment.auto = ""
+  # The ops RandAugment/TrivialAugment draw from (docs/augmentation.md: each op's magnitude scale)
+  c.augment.auto_ops = ("identity", "auto_contrast", "equalize", "rotate", "solarize", "color",
+                        "posterize", "contrast", "brightness", "sharpness", "shear_x", "shear_y",
+                        "translate_x", "translate_y")
+  c.augment.auto_num_ops = 2  # randaugment: ops drawn per image, with replacement (timm's n)
+  # Magnitude on timm's 0..10 scale (its m); trivialaugment draws uniformly in [0, this].
+  c.augment.auto_magnitude = 9.0
+  # randaugment: std of Gaussian noise on each op's magnitude (timm's mstd); > 100 = uniform in
+  # [0, auto_magnitude]
+  c.augment.auto_magnitude_std = 0.5
+  c.augment.auto_prob = 0.5  # randaugment: probability that each drawn op applies (timm: 0.5)
+  c.augment.auto_increasing = True  # timm's inc1: every op grows more severe with the magnitude
+  c.augment.random_erasing = 0.0  # chance of erasing a box per image (timm's --reprob); 0 = off
+  c.augment.erasing_area = (0.02, 1 / 3)  # random_erasing: range of the erased fraction of the area
+  c.augment.erasing_ratio = (0.3, 1 / 0.3)  # random_erasing: box aspect ratio range (log-uniform)
+  # random_erasing fill, on the normalised image: 'pixel' = N(0, 1) per pixel (timm's --remode
+  # pixel), 'const' = 0 (the mean colour)
+  c.augment.erasing_mode = "pixel"
+  c.augment.mixup = 0.0  # Mixup's Beta(alpha, alpha) (timm's --mixup, e.g. 0.8); 0 = off
+  c.augment.cutmix = 0.0  # CutMix's Beta(alpha, alpha) (timm's --cutmix, e.g. 1.0); 0 = off
+  c.augment.mix_prob = 1.0  # probability that a batch (or example, mix_mode elem) is mixed
+  c.augment.mix_switch_prob = 0.5  # mixup and cutmix both on: probability of CutMix per draw
+  # 'batch': one lambda (and box) per batch | 'elem': one per example (timm's --mixup-mode)
+  c.augment.mix_mode = "batch"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"  # a name from the model registry (jaxclf/models/registry.py)
@@ -127,6 +157,20 @@ def default_config() -> ml_collections.ConfigDict:
   # flag, are off. For fine-tuning on little data, where a small batch's statistics differ from
   # the weights' own and switching to them at unfreezing wrecks the features (Keras's advice).
   c.train.freeze_batchnorm = False
+  c.train.ema = ml_collections.ConfigDict()  # weight averaging (jaxclf/train/ema.py)
+  # Weight averaging: an exponential moving average of the params and BatchNorm statistics,
+  # updated inside the train step and saved in the checkpoints. When on, every evaluation
+  # (checkpoint selection, test, calibration), `jaxclf evaluate`, the export and so the registry
+  # and the served model use the average; run.json `weights` says "ema". The factor per training
+  # step, in [0, 1): ema = d * ema + (1 - d) * weights, an average over about 1 / (1 - decay)
+  # steps (0.999: 1000). 0 = off: the trained weights are used.
+  c.train.ema.decay = 0.0
+  # Ramp d_t = min(decay, (1 + t) / (10 + t)) at step t, so that early steps count while the
+  # average is young (a short run is not mostly its initial weights); false: decay throughout.
+  c.train.ema.warmup = True
+  # Update every K steps, by decay**K each time (decay stays per step, so K trades the update's
+  # cost against a coarser average, not its horizon).
+  c.train.ema.every = 1
 
   # When the loop's periodic actions fire (jaxclf/train/actions.py), one rule for all
   # (jaxclf/config/periodic.py, big_vision's u.steps/u.itstime): "<N> steps", "<N> epochs",

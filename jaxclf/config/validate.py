@@ -25,7 +25,7 @@ def did_you_mean(value, options) -> str:
   return f" Did you mean {close[0]!r}?" if close else ""
 
 
-# Keys that issue 17 replaced by periodic rules: a config still using one is told where it went.
+# Keys that periodic rules replaced: a config still using one is told where it went.
 MOVED = {"train.log_every_steps": "periodic.log (e.g. '50 steps')",
          "train.checkpoint_every_steps": "periodic.checkpoint (e.g. '200 steps')",
          "train.eval_every_epochs": "evals.val.when (e.g. '1 epochs')"}
@@ -87,9 +87,15 @@ RANGES = {
     "data.read_threads": (0, 64), "data.prefetch_batches": (1, 1024),
     "data.worker_processes": (0, 64), "data.max_pixels": (1, None), "data.limit_per_split": (0, None),
     "data.limit_per_class": (0, None), "train.freeze_backbone_epochs": (0, 100_000),
+    "train.ema.every": (1, 1_000_000),
     "preprocessing.image_size": (8, 4096), "preprocessing.crop_fraction": (0.05, 1.0),
     "augment.translate": (0, 64), "augment.rotation": (0.0, 180.0),
     "augment.brightness": (0.0, 1.0), "augment.contrast": (0.0, 1.0), "augment.saturation": (0.0, 1.0),
+    "augment.auto_num_ops": (1, 16), "augment.auto_magnitude": (0.0, 10.0),
+    "augment.auto_magnitude_std": (0.0, None), "augment.auto_prob": (0.0, 1.0),
+    "augment.random_erasing": (0.0, 1.0), "augment.mixup": (0.0, 100.0),
+    "augment.cutmix": (0.0, 100.0), "augment.mix_prob": (0.0, 1.0),
+    "augment.mix_switch_prob": (0.0, 1.0),
     "optimizer.learning_rate": (0.0, 100.0), "optimizer.momentum": (0.0, 1.0),
     "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0), "optimizer.weight_decay": (0.0, 1.0),
     "optimizer.grad_clip_norm": (0.0, None), "optimizer.eps": (0.0, 1.0),
@@ -112,6 +118,8 @@ CHOICES = {
     "early_stopping.metric": ("val_accuracy", "val_loss"),
     "model.conv_impl": ("auto", "xla", "matmul", "onednn"),
     "data.on_device": ("auto", "true", "false"), "schedule.anneal": ("linear", "cos"),
+    "augment.auto": ("", "randaugment", "trivialaugment"), "augment.mix_mode": ("batch", "elem"),
+    "augment.erasing_mode": ("pixel", "const"),
 }
 
 
@@ -232,6 +240,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"optimizer.layer_decay: model {config.model.name!r} declares no layer "
                       f"order (only {', '.join(LAYER_DECAY_FAMILIES)} do); use 0")
   _check_fine_tuning(config)
+  _check_ema(config.train.ema)
   for key, rule in config.periodic.items():
     _check_rule(rule, f"periodic.{key}")
   check_evals(config.evals, config.early_stopping.metric.rsplit("_", 1)[0])
@@ -245,12 +254,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lo, hi = config.augment.crop_scale
   if not 0 < lo <= hi <= 1:
     raise ConfigError(f"augment.crop_scale: need 0 < low <= high <= 1, got {(lo, hi)}")
+  _check_augment(config)
   if config.data.val_fraction + config.data.test_fraction >= 1:
     raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ConfigError(f"train.batch_size={config.train.batch_size} does not split into "
                       f"train.grad_accum_steps={config.train.grad_accum_steps} micro-batches: use "
                       "a multiple of it (x the device count)")
+
+
+def _check_ema(ema: ml_collections.ConfigDict) -> None:
+  """decay in [0, 1): 1 would keep the initial weights for ever, and serve them."""
+  if not 0.0 <= ema.decay < 1.0:
+    raise ConfigError(f"train.ema.decay: {ema.decay!r} is out of range [0, 1): the average's "
+                      "share kept per step (e.g. 0.999), or 0 for off")
 
 
 def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
@@ -267,3 +284,24 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
   if config.train.cache_frozen_features and config.train.freeze_backbone_epochs == 0:
     raise ConfigError("train.cache_frozen_features caches the frozen backbone's features: it "
                       "needs train.freeze_backbone_epochs > 0")
+
+
+def _check_augment(config: ml_collections.ConfigDict) -> None:
+  """The timm-style families: op names, the erasing box ranges, a batch to mix within."""
+  aug, known = config.augment, default_config().augment.auto_ops
+  if not aug.auto_ops:
+    raise ConfigError(f"augment.auto_ops: needs at least one op of {list(known)}")
+  for op in aug.auto_ops:
+    if op not in known:
+      raise ConfigError(f"augment.auto_ops: {op!r} is not an op.{did_you_mean(op, known)} "
+                        f"Ops: {', '.join(known)}")
+  for key, top in (("erasing_area", 1.0), ("erasing_ratio", None)):
+    values = tuple(aug[key])
+    if len(values) != 2 or not 0 < values[0] <= values[1] or (top and values[1] >= top):
+      bound = "< 1" if top else ""
+      raise ConfigError(f"augment.{key}: need two numbers 0 < low <= high {bound}, got "
+                        f"{list(values)}".replace("  ", " "))
+  mixing = [k for k in ("mixup", "cutmix") if aug[k] > 0]
+  if mixing and config.train.batch_size < 2:
+    raise ConfigError(f"augment.{mixing[0]}: Mixup/CutMix mix each example with another of its "
+                      f"batch; train.batch_size={config.train.batch_size} has none (use >= 2)")

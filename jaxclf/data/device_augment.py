@@ -12,6 +12,11 @@ path fills with the border's median grey, so rotated pixels at the corners diffe
 Other switches (random_resized_crop, colour jitter) need the per-example host path:
 `supports(aug)` says which applies. Normalisation is `transforms.normalize`'s arithmetic, so a
 batch without augmentation is bit-identical to the host path's.
+
+After those: RandAugment/TrivialAugment (jaxclf/data/autoaugment.py: the same ops per example as
+the Grain path, drawn from (seed, step, row)), normalisation, random erasing (the geometry of
+`transforms.erase_mask`), then Mixup/CutMix (jaxclf/data/mixing.py; on the Grain path the step
+runs `make_mix_fn`, the same mixing of its already normalised batch).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxclf.data import autoaugment, mixing, transforms
 from jaxclf.data.transforms import AugmentSpec, PreprocessSpec
 
 _HOST_ONLY = ("random_resized_crop", "brightness", "contrast", "saturation")
@@ -83,17 +89,69 @@ def augment(images, key, aug: AugmentSpec):
   return x
 
 
-def make_prepare_fn(spec: PreprocessSpec, aug: AugmentSpec | None, key):
-  """The `prepare(batch, step)` hook of `steps.train_step`: augment (keyed by fold_in(key, step))
-  and normalise a uint8 batch. `aug=None` normalises only (evaluation)."""
+def auto_augment(images, aug: AugmentSpec, spec: PreprocessSpec, seed: int, step):
+  """RandAugment/TrivialAugment of a pixel-valued NHWC batch: row i gets the ops
+  `autoaugment.draw(seed, step, i)`, exactly those the Grain path gives that example. Each
+  example runs every op and keeps the drawn one (a select under vmap): cheap next to the step."""
+  d = autoaugment.draw(seed, step, jnp.arange(images.shape[0]), aug, jnp)
+  fill = jnp.asarray(autoaugment.fill_value(spec))
+  names = ("identity",) + tuple(aug.auto_ops)  # branch 0: the layer's op did not apply
+  branches = [lambda x, m, s, name=name: autoaugment.apply_op(name, x, m, s, aug, fill, jnp)
+              for name in names]
+  one = lambda x, k, m, s: jax.lax.switch(k, branches, x, m, s)
+  x = jnp.clip(jnp.floor(images.astype(jnp.float32) + 0.5), 0.0, 255.0)  # the uint8 grid
+  for layer in range(d.op.shape[-1]):
+    k = jnp.where(d.applied[:, layer], d.op[:, layer] + 1, 0)
+    x = jax.vmap(one)(x, k, d.magnitude[:, layer], d.sign[:, layer])
+  return x
+
+
+def random_erase(x, key, aug: AugmentSpec):
+  """timm's random erasing of a normalised NHWC batch, per example with probability
+  aug.random_erasing; the box from `transforms.erase_mask`."""
+  n, h, w, c = x.shape
+  k_apply, k_box, k_fill = jax.random.split(key, 3)
+  u = jax.random.uniform(k_box, (n, transforms.ERASE_ATTEMPTS, 4))
+  mask = transforms.erase_mask(u, h, w, aug, jnp)
+  mask &= (jax.random.uniform(k_apply, (n,)) < aug.random_erasing)[:, None, None]
+  fill = (jax.random.normal(k_fill, x.shape, x.dtype) if aug.erasing_mode == "pixel"
+          else jnp.zeros_like(x))
+  return jnp.where(mask[..., None], fill, x)
+
+
+_ERASE, _MIX = 0x45524153, 0x4D495821  # fold_in tags: these draws leave the others unchanged
+
+
+def make_mix_fn(aug: AugmentSpec | None, key):
+  """The Grain path's `prepare(batch, step)`: Mixup/CutMix of the ready batch (None when off)."""
+  if aug is None or not aug.mixing:
+    return None
+  return lambda batch, step: mixing.mix_batch(
+      batch, jax.random.fold_in(jax.random.fold_in(key, step), _MIX), aug)
+
+
+def make_prepare_fn(spec: PreprocessSpec, aug: AugmentSpec | None, key, seed: int = 0):
+  """The `prepare(batch, step)` hook of `steps.train_step`: augment (keyed by fold_in(key, step);
+  auto-augment by (seed, step, row)), normalise, erase and mix a uint8 batch. `aug=None`
+  normalises only (evaluation)."""
   if aug is not None and not supports(aug):
     raise ValueError(f"augmentations {[n for n in _HOST_ONLY if getattr(aug, n)]} run on the "
                      "host only; set data.on_device=false")
 
   def prepare(batch, step):
     images = batch["image"]
-    if aug is not None:
-      images = augment(images, jax.random.fold_in(key, step), aug)
-    return {**batch, "image": normalize(images, spec)}
+    if aug is None:
+      return {**batch, "image": normalize(images, spec)}
+    step_key = jax.random.fold_in(key, step)
+    images = augment(images, step_key, aug)
+    if aug.auto:
+      images = auto_augment(images, aug, spec, seed, step)
+    x = normalize(images, spec)
+    if aug.random_erasing:
+      x = random_erase(x, jax.random.fold_in(step_key, _ERASE), aug)
+    batch = {**batch, "image": x}
+    if aug.mixing:
+      batch = mixing.mix_batch(batch, jax.random.fold_in(step_key, _MIX), aug)
+    return batch
 
   return prepare

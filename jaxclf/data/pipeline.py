@@ -3,7 +3,7 @@ by (seed, epoch), so an iterator state saved mid-epoch resumes exactly.
 
 Why per-epoch pipelines instead of `repeat()`: epochs are where evaluation, checkpoints and the
 balanced sampler's redraw happen, and a per-epoch iterator's state is small ({next index}).
-Read threads (not processes) by default: on 2 cores they measured faster (FINDINGS.md).
+Read threads (not processes) by default: on 2 cores they measured faster.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from jaxclf.data import transforms
+from jaxclf.data import autoaugment, transforms
 from jaxclf.data.decode import DecodeError, decode_image
-from jaxclf.data.dataset import ArraySource, Split
+from jaxclf.data.types import ArraySource, Split
 
 
 class DecodeFailures:
@@ -56,8 +56,34 @@ class TrainTransform:
   def __call__(self, record, rng: np.random.Generator):
     img, ok = _pixels(record, self.spec.channels, self.max_pixels, self.failures, self.spec)
     img = transforms.augment(img, rng, self.spec, self.aug)
-    return {"image": transforms.normalize(img, self.spec),
-            "label": np.int32(record["label"] if ok else -1)}
+    if self.aug.auto:  # the ops of this example's (seed, step, row), as on the device
+      img = autoaugment.augment_example(img, self.aug, self.spec, *record[EXAMPLE_KEY])
+    x = transforms.normalize(img, self.spec)
+    if self.aug.random_erasing:
+      x = transforms.random_erase(x, rng, self.aug)
+    return {"image": x, "label": np.int32(record["label"] if ok else -1)}
+
+
+EXAMPLE_KEY = "_example"  # (seed, step, row): where an example lands in training (auto-augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+  """Tags each record with the (seed, global step, row of the global batch) it trains at, from its
+  position in the epoch's (shuffled, per-process) order: the key of the auto-augment draw that
+  the device path computes from the step and the row."""
+  seed: int
+  first_step: int
+  batch_size: int  # per process
+  process_count: int
+
+  def __call__(self, position: int, record):
+    local_batch, row = divmod(int(position), self.batch_size)
+    # Process p reads local batches p, p + n, ... (inputs.TrainInput): global step k holds
+    # local batch k * n + p, whose rows are p's block of the global batch.
+    step = self.first_step + local_batch // self.process_count
+    global_row = (local_batch % self.process_count) * self.batch_size + row
+    return {**record, EXAMPLE_KEY: (self.seed, step, global_row)}
 
 
 @dataclasses.dataclass
@@ -97,8 +123,11 @@ def balanced_indices(labels: np.ndarray, seed: int) -> np.ndarray:
 
 def train_dataset(split: Split, *, epoch: int, seed: int, batch_size: int,
                   transform: TrainTransform, sampler: str = "shuffle",
-                  shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
-  """The batched MapDataset of one epoch (drop_remainder: every step sees a full batch)."""
+                  shard_index: int = 0, shard_count: int = 1,
+                  process_count: int = 1) -> grain.MapDataset:
+  """The batched MapDataset of one epoch (drop_remainder: every step sees a full batch).
+  `batch_size` is per process; with `process_count` processes, inputs.TrainInput deals the
+  batches round-robin (only auto-augment's per-example key depends on it)."""
   s = epoch_seed(seed, epoch)
   source = split.source
   if sampler == "balanced":
@@ -106,6 +135,9 @@ def train_dataset(split: Split, *, epoch: int, seed: int, batch_size: int,
   ds = grain.MapDataset.source(source).seed(s).shuffle()
   if shard_count > 1:  # one slice per JAX process (multi-host data parallelism)
     ds = ds[shard_index::shard_count]
+  if transform.aug.auto:
+    steps_per_epoch = len(source) // (batch_size * process_count)
+    ds = ds.map_with_index(_Position(seed, epoch * steps_per_epoch, batch_size, process_count))
   return ds.random_map(transform).batch(batch_size, drop_remainder=True)
 
 

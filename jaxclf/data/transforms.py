@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from jaxclf.data import autoaugment
+
 SPEC_VERSION = 1
 
 _RESAMPLE = {
@@ -107,6 +109,32 @@ class AugmentSpec:
   brightness: float = 0.0  # multiplicative factor range 1 +- x
   contrast: float = 0.0
   saturation: float = 0.0
+  # RandAugment / TrivialAugment (jaxclf/data/autoaugment.py, timm's magnitude scales): the same
+  # ops per example on the device and in Grain. '' = off.
+  auto: str = ""
+  auto_ops: tuple[str, ...] = autoaugment.OPS
+  auto_num_ops: int = 2  # RandAugment's N
+  auto_magnitude: float = 9.0  # M on timm's 0..10 scale
+  auto_magnitude_std: float = 0.5  # timm's mstd; > 100 = uniform in [0, M]
+  auto_prob: float = 0.5  # RandAugment: each drawn op applies with this probability
+  auto_increasing: bool = True  # timm's inc1
+  # Random erasing (timm's --reprob, count 1), on the normalised image: the probability, the
+  # erased fraction of the area, the box's aspect ratio range, and 'pixel' (N(0, 1) per pixel
+  # and channel in normalised units) or 'const' (0: the mean colour) fill.
+  random_erasing: float = 0.0
+  erasing_area: tuple[float, float] = (0.02, 1 / 3)
+  erasing_ratio: tuple[float, float] = (0.3, 1 / 0.3)
+  erasing_mode: str = "pixel"
+  # Mixup / CutMix (jaxclf/data/mixing.py), on the whole batch inside the jitted step.
+  mixup: float = 0.0  # Beta(alpha, alpha); 0 = off
+  cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off
+  mix_prob: float = 1.0  # probability that a batch (or element) is mixed at all
+  mix_switch_prob: float = 0.5  # with both on: probability of CutMix instead of Mixup
+  mix_mode: str = "batch"  # 'batch': one lambda per batch | 'elem': one per example
+
+  @property
+  def mixing(self) -> bool:
+    return self.mixup > 0 or self.cutmix > 0
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "AugmentSpec":
@@ -249,6 +277,42 @@ def augment(img: np.ndarray, rng: np.random.Generator, spec: PreprocessSpec,
   if aug.brightness or aug.contrast or aug.saturation:
     img = _jitter(img, rng, aug)
   return np.ascontiguousarray(img)
+
+
+ERASE_ATTEMPTS = 10  # timm's RandomErasing tries 10 boxes and erases nothing if none fits
+
+
+def erase_mask(u, height: int, width: int, aug: AugmentSpec, xp=np):
+  """The erased pixels (bool [..., height, width]) from uniforms u [..., ERASE_ATTEMPTS, 4], with
+  timm's geometry: area fraction uniform in erasing_area, log-uniform aspect ratio in
+  erasing_ratio, box side = round(sqrt(area * ratio)) x round(sqrt(area / ratio)), the first
+  attempt that fits strictly inside, at a uniform position. Shared by both input paths."""
+  lo, hi = aug.erasing_area
+  r0, r1 = math.log(aug.erasing_ratio[0]), math.log(aug.erasing_ratio[1])
+  target = (lo + (hi - lo) * u[..., 0]) * (height * width)
+  aspect = xp.exp(r0 + (r1 - r0) * u[..., 1])
+  eh = xp.floor(xp.sqrt(target * aspect) + 0.5).astype(xp.int32)
+  ew = xp.floor(xp.sqrt(target / aspect) + 0.5).astype(xp.int32)
+  fits = (eh < height) & (ew < width)
+  top = xp.minimum(xp.floor(u[..., 2] * (height - eh + 1)).astype(xp.int32), height - eh)
+  left = xp.minimum(xp.floor(u[..., 3] * (width - ew + 1)).astype(xp.int32), width - ew)
+  first = xp.argmax(fits, axis=-1)[..., None]
+  chosen = (xp.arange(u.shape[-2]) == first) & fits  # none if no attempt fits
+  pick = lambda v: xp.sum(xp.where(chosen, v, 0), axis=-1)[..., None, None]
+  top, left, eh, ew = pick(top), pick(left), pick(eh), pick(ew)
+  yy = xp.arange(height)[:, None]
+  xx = xp.arange(width)[None, :]
+  return (yy >= top) & (yy < top + eh) & (xx >= left) & (xx < left + ew)
+
+
+def random_erase(x: np.ndarray, rng: np.random.Generator, aug: AugmentSpec) -> np.ndarray:
+  """The Grain path's random erasing of one normalised float32 HWC image."""
+  if rng.random() >= aug.random_erasing:
+    return x
+  mask = erase_mask(rng.random((ERASE_ATTEMPTS, 4)), x.shape[0], x.shape[1], aug)[..., None]
+  fill = (rng.standard_normal(x.shape, np.float32) if aug.erasing_mode == "pixel"
+          else np.zeros_like(x))
+  return np.where(mask, fill, x)
 
 
 def image_grid(images: np.ndarray, ncols: int = 8) -> np.ndarray:

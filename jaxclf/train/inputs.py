@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxclf.data import device_augment, pipeline, transforms
-from jaxclf.data.dataset import DataError, Split
+from jaxclf.data.types import DataError, Split
 from jaxclf.train import distributed
 
 
@@ -60,8 +60,11 @@ class TrainInput:
     return self.batch_size // self.process_count
 
   def prepare_fn(self, key) -> Callable | None:
-    """The step's `prepare` hook (device path), or None when batches arrive ready (Grain)."""
-    return device_augment.make_prepare_fn(self.spec, self.aug, key) if self.on_device else None
+    """The step's `prepare` hook: the device path's augmentation; on the Grain path, whose
+    batches arrive augmented, only Mixup/CutMix (None when off)."""
+    if self.on_device:
+      return device_augment.make_prepare_fn(self.spec, self.aug, key, seed=self.seed)
+    return device_augment.make_mix_fn(self.aug, key)
 
   def epoch_batches(self, epoch: int, step: int, iter_state) -> Iterator[dict[str, np.ndarray]]:
     """The batches of `epoch` from global `step` on (mid-epoch resume)."""
@@ -76,7 +79,7 @@ class TrainInput:
                                     start=step - epoch * self.steps_per_epoch)
     ds = pipeline.train_dataset(self.split, epoch=epoch, seed=self.seed,
                                 batch_size=self.local_batch_size, transform=self.grain_transform,
-                                sampler=self.sampler)
+                                sampler=self.sampler, process_count=n)
     if n > 1:  # local batch p, p+n, ... of the one shuffled order: its rows of each global batch
       ds = ds[:self.steps_per_epoch * n][p::n]
     it = pipeline.to_iterator(ds, self.read_threads, self.prefetch, self.worker_processes)
@@ -93,11 +96,12 @@ class TrainInput:
     return StepBatches(self, start, end, saved_epoch, saved_state)
 
   def preview(self, batch, key, step) -> np.ndarray:
-    """uint8 images of a batch as the model sees them (for the TensorBoard grid)."""
-    if self.on_device:
-      x = device_augment.augment(batch["image"][:32], jax.random.fold_in(key, step), self.aug)
-      return np.clip(np.asarray(x) + 0.5, 0, 255).astype(np.uint8)
-    return transforms.denormalize(batch["image"][:32], self.spec)
+    """uint8 images of a batch as the model sees them (for the TensorBoard grid): the step's own
+    `prepare` (augmentation, erasing, mixing) of the whole batch, keyed by its step."""
+    prepare = self.prepare_fn(key)
+    if prepare is not None:
+      batch = jax.jit(prepare)({"image": batch["image"], "label": batch["label"]}, step)
+    return transforms.denormalize(np.asarray(batch["image"][:32]), self.spec)
 
 
 class StepBatches:

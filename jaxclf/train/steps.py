@@ -6,6 +6,9 @@ import optax
 from clu import metrics as clu_metrics
 from flax import struct
 
+from jaxclf.data import mixing
+from jaxclf.train import ema as ema_lib
+
 
 @struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
@@ -31,9 +34,27 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0, class_weight
   return loss
 
 
+def mixed_cross_entropy(logits, batch, num_classes, label_smoothing, class_weights):
+  """Cross-entropy against Mixup/CutMix soft targets (mixing.mixed_targets: timm's mixup_target,
+  smoothing included); each example weighs lam * w[y] + (1 - lam) * w[partner]."""
+  lam = batch["mix_weight"]
+  targets = mixing.mixed_targets(batch["label"], batch["mix_label"], lam, num_classes,
+                                 label_smoothing)
+  weight = lam * class_weights[batch["label"]] + (1 - lam) * class_weights[batch["mix_label"]]
+  return optax.softmax_cross_entropy(logits, targets) * weight
+
+
+def accuracy_labels(batch):
+  """The labels training accuracy counts: with Mixup/CutMix the dominant label of each mixed
+  target (the example's own when lam >= 0.5, else its partner's), without them the labels."""
+  if "mix_weight" not in batch:
+    return batch["label"]
+  return jnp.where(batch["mix_weight"] >= 0.5, batch["label"], batch["mix_label"])
+
+
 def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_key,
                prepare=None, grad_accum_steps=1, freeze_backbone_steps=0,
-               frozen_backbone=None, head_forward=None, freeze_batchnorm=False):
+               frozen_backbone=None, head_forward=None, freeze_batchnorm=False, ema=None):
   """One SGD step. Returns (new_state, metrics). Dropout RNG = fold_in(key, step), so a resumed run
   draws the same masks as an uninterrupted one. `prepare(batch, step)`, when given, turns the raw
   batch into model input inside the step (on-device augmentation and normalisation).
@@ -53,7 +74,14 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   batch holds cached backbone features instead of images (train.cache_frozen_features).
   `freeze_batchnorm` (train.freeze_batchnorm) runs the ordinary step's forward in inference
   mode too: BatchNorm normalises with its running statistics and keeps them; the models tie
-  dropout and stochastic depth to the same flag, so those are off as well."""
+  dropout and stochastic depth to the same flag, so those are off as well.
+
+  A batch that `prepare` mixed (augment.mixup / augment.cutmix: `mix_label`, `mix_weight`)
+  trains on soft targets, and its training accuracy counts each mixed target's dominant label
+  (`accuracy_labels`); the evaluators never mix.
+
+  `ema` (ema.EmaSettings, train.ema on) moves the state's weight average towards the updated
+  params and BatchNorm statistics, here inside the step (jaxclf/train/ema.py)."""
   num_classes = class_weights.shape[0]
   loss_scale = state.loss_scale
   rng = jax.random.fold_in(dropout_key, state.step)
@@ -70,7 +98,10 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
       logits, updates = state.apply_fn(
           {"params": params, "batch_stats": batch_stats}, micro["image"],
           train=not freeze_batchnorm, mutable=["batch_stats"], rngs={"dropout": key})
-    loss = cross_entropy(logits, micro["label"], num_classes, label_smoothing, class_weights)
+    if "mix_weight" in micro:  # augment.mixup / augment.cutmix: soft targets
+      loss = mixed_cross_entropy(logits, micro, num_classes, label_smoothing, class_weights)
+    else:
+      loss = cross_entropy(logits, micro["label"], num_classes, label_smoothing, class_weights)
     loss = loss.mean()
     scaled = loss_scale.scale_loss(loss) if loss_scale is not None else loss
     return scaled, (loss, logits, updates.get("batch_stats", batch_stats))
@@ -97,8 +128,10 @@ def train_step(state, batch, *, lr_fn, label_smoothing, class_weights, dropout_k
   if loss_scale is not None:  # an overflowing step changes nothing but the scale (and the step)
     new_state = _keep_if_not_finite(finite, new_state, state).replace(
         step=new_state.step, loss_scale=loss_scale.adjust(finite))
+  if ema is not None and ema.enabled:  # train.ema: after the update, from what it produced
+    new_state = ema_lib.update(new_state, ema)
   metrics = TrainMetrics.single_from_model_output(
-      loss=loss, logits=logits, labels=batch["label"], grad_norm=optax.global_norm(grads),
+      loss=loss, logits=logits, labels=accuracy_labels(batch), grad_norm=optax.global_norm(grads),
       param_norm=optax.global_norm(new_state.params), learning_rate=lr)
   return new_state, metrics
 
@@ -146,7 +179,7 @@ def predict_logits(state_or_vars, apply_fn, images, tta_flip=False):
 
 
 def eval_step(state, batch, *, num_classes, tta_flip=False, prepare=None):
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  variables = ema_lib.inference_variables(state)  # the average when train.ema is on
   if prepare is not None:
     batch = prepare(batch, state.step)
   logits = predict_logits(variables, state.apply_fn, batch["image"], tta_flip)
