@@ -3,6 +3,7 @@ the Beam ingest writes its temp files and the dataset. Pickles as its URL, so ea
 opens its own filesystem (credentials come from the worker's environment)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from jaxclf.data.sources import remote
@@ -36,15 +37,27 @@ class Store:
     os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
     return self.path(rel)
 
+  @contextlib.contextmanager
+  def _answered(self, rel: str, doing: str):
+    """A store that stops answering (after the client's own retries) is one DataError naming
+    the object, not a client library's traceback."""
+    try:
+      yield
+    except Exception as e:
+      if self.remote and remote.unreachable(e):
+        raise remote.store_unreachable(f"{self.url}/{rel}", e, doing) from None
+      raise
+
   def put(self, local: str, rel: str) -> None:
     if not self.remote:
       os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
-    self.fs.put_file(local, self.path(rel))
+    with self._answered(rel, "upload"):
+      self.fs.put_file(local, self.path(rel))
 
   def write_text(self, rel: str, text: str) -> None:
     if not self.remote:
       os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
-    with self.fs.open(self.path(rel), "w") as f:
+    with self._answered(rel, "upload"), self.fs.open(self.path(rel), "w") as f:
       f.write(text)
 
   def read_text(self, rel: str) -> str:
@@ -65,8 +78,9 @@ class Store:
       # Object stores have no rename: a server-side copy, then delete (what s3fs's mv does).
       # Spelled out because gcsfs's mv first tries GCS's moveTo, which emulators answer 501
       # and gcsfs retries for ~30 s before it falls back to this same copy + delete.
-      self.fs.copy(self.path(src_rel), self.path(dst_rel))
-      self.fs.rm(self.path(src_rel))
+      with self._answered(dst_rel, "copy"):
+        self.fs.copy(self.path(src_rel), self.path(dst_rel))
+        self.fs.rm(self.path(src_rel))
     else:
       os.replace(self.path(src_rel), self.path(dst_rel))
 

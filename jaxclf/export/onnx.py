@@ -35,8 +35,9 @@ An export directory holds:
                          the exported model's own softmax on the same images; "source" says which.
   export.json            written last: format, created, model (name, num_classes, input/output
                          names and shapes, opset, jax2onnx version), source (run_dir,
-                         checkpoint_step, which, config, dataset_version, metrics {val, test,
-                         test_tta?}, calibration), accuracy (`tracking.run_record.accuracy_summary`:
+                         checkpoint_step, which, weights ("ema" | "trained"), config,
+                         dataset_version, metrics {val, test, test_tta?}, calibration),
+                         accuracy (`tracking.run_record.accuracy_summary`:
                          `test` = the single-view test accuracy, the model's accuracy; `test_tta`
                          a separate, labelled flip-TTA figure), calibration {temperature,
                          applied_in_graph, fitted: the run's record}, parity ({batch:
@@ -70,6 +71,7 @@ from jaxclf.data.transforms import (PreprocessSpec, normalization_constants, nor
 from jaxclf.artifacts import (EXPORT_FILE, EXPORT_FORMAT, LABELS_FILE, MODEL_FILE, RAW_MODEL_FILE,
                               REFERENCE_FILE, REQUIRED_FILES, SPEC_FILE, ArtifactError,
                               verify_export_dir)
+from jaxclf import diskspace
 from jaxclf.hashing import sha256_file
 from jaxclf.tracking.run_record import accuracy_summary
 
@@ -464,6 +466,13 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
 
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
+  # Everything but export.json is in memory now; it is written into a temp directory renamed to
+  # out_dir only when complete, so a full disk leaves no directory that verify would accept.
+  needed = _export_bytes(model_bytes, raw_bytes, spec, stats)
+  try:
+    diskspace.require(out_dir, needed, "the export", "free space and export again")
+  except diskspace.DiskFullError as e:
+    raise ExportError(str(e)) from None
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
     for fn, data in ((MODEL_FILE, model_bytes), (RAW_MODEL_FILE, raw_bytes)):
@@ -500,15 +509,37 @@ def export_model(model, variables, spec: PreprocessSpec, out_dir: str, *,
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if diskspace.is_enospc(e):
+      raise ExportError(diskspace.message(out_dir, needed, "the export",
+                                          "free space and export again")) from None
     raise
   return ExportResult(out_dir, parity, artifacts, meta)
+
+
+def _export_bytes(model_bytes: bytes, raw_bytes: bytes, spec, stats) -> int:
+  """About what the export directory takes: the two graphs, the small JSON and text files, and
+  export.json (allowed 64 KiB); a page per file for filesystems that allocate by page."""
+  small = len(spec.to_json()) + sum(len(c) + 1 for c in spec.class_names) + len(json.dumps(stats))
+  return len(model_bytes) + len(raw_bytes) + small + 64 * 1024 + 6 * 4096
 
 
 def _write_text(path: str, text: str) -> None:
   with open(path, "w") as f:
     f.write(text)
+
+
+def _replace_text(path: str, text: str) -> None:
+  """Rewrites a file of a finished export: readers (and a full disk) see the old or the new."""
+  tmp = path + ".tmp"
+  try:
+    _write_text(tmp, text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def _version(pkg: str) -> str | None:
@@ -565,6 +596,7 @@ def export_run(run_dir: str, out_dir: str, *, which: str | int = "best",
       "run_name": run.get("name"),
       "checkpoint": inf.which,
       "checkpoint_step": inf.step,
+      "weights": inf.weights,  # "ema": the train.ema average (what the run evaluated) | "trained"
       "config": inf.config.to_dict() if hasattr(inf.config, "to_dict") else dict(inf.config),
       "dataset": {"name": dataset.name, "version": dataset.version},
       "dataset_version": dataset.version,
@@ -595,7 +627,7 @@ def _record_full_parity(out_dir: str, full: Mapping[str, Any]) -> None:
   path = os.path.join(out_dir, EXPORT_FILE)
   meta = _read_json(path)
   meta.setdefault("parity", {})["full_test"] = dict(full)
-  _write_text(path, json.dumps(meta, indent=2, default=str) + "\n")
+  _replace_text(path, json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import socket
 from typing import Any, Iterator
 
 from jaxclf.artifacts import ArtifactError, verify_export_dir
-from jaxclf.registry.store import Store
+from jaxclf.registry.store import Store, gave_up, unreachable
 from jaxclf.hashing import sha256_bytes as _sha256_bytes, sha256_file as _sha256_file
 from jaxclf.tracking.run_record import accuracy_summary
 
@@ -223,12 +223,29 @@ class Registry:
     if run_metrics.get("test_tta") is not None:  # flip-TTA test figure, kept apart and labelled
       metrics_record["test_tta"] = run_metrics["test_tta"]
     claim = json.dumps({"time": _now(), "user": _user(), "export_dir": os.path.abspath(export_dir)})
+    try:
+      return self._upload(export_dir, name, files, artifacts, export, source, metrics_record,
+                          claim, description=description, stage=stage, reason=reason)
+    except Exception as e:
+      if not unreachable(e):
+        raise
+      raise RegistryError(
+          f"{self.root.rstrip('/')}/{name}: the registry store did not answer while registering "
+          f"({type(e).__name__}: {e}; {gave_up(self.root)}); no version was "
+          "listed (an index entry is written only after every artefact). Register again when "
+          "it is back") from None
+
+  def _upload(self, export_dir, name, files, artifacts, export, source, metrics_record, claim, *,
+              description, stage, reason) -> ModelVersion:
+    """Artefacts first, then version.json, then the register event: a version is listed only
+    when it has all three (version_numbers), so a store lost half way lists nothing new."""
     version = self._take_number(name, "claims", claim.encode())
     meta = {
         "name": name, "version": version, "created": _now(), "created_by": _user(),
         "description": description,
         "source": {k: source.get(k) for k in ("run_dir", "run_name", "checkpoint",
-                                               "checkpoint_step", "git", "mlflow_run_id")
+                                               "checkpoint_step", "weights", "git",
+                                               "mlflow_run_id")
                    if k in source},
         "config": source.get("config"),
         "dataset_version": source.get("dataset_version") or _dig(source, "dataset", "version"),
@@ -268,8 +285,12 @@ class Registry:
     return json.loads(self.store.read_bytes(path))
 
   def version_numbers(self, name: str) -> list[int]:
+    """Complete versions: version.json present (written after every artefact) and a register
+    event (written after version.json) in the audit log."""
+    registered = {int(e["version"]) for e in self.events(name) if e.get("action") == "register"}
     return [v for v in self._numbers(name, "versions")
-            if self.store.exists(self.store.path(name, "versions", v, VERSION_FILE))]
+            if v in registered and self.store.exists(self.store.path(name, "versions", v,
+                                                                      VERSION_FILE))]
 
   def list_versions(self, name: str) -> list[ModelVersion]:
     self._require_name(name)

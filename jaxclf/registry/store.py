@@ -44,7 +44,13 @@ class StoreError(RuntimeError):
 class Store:
   def __init__(self, root: str):
     self.url = str(root)
-    self.fs, self.root = fsspec.core.url_to_fs(self.url)
+    if fsspec.core.split_protocol(self.url)[0] in ("s3", "s3a"):
+      # The same s3fs configuration as the data side: bounded botocore retries (AWS_MAX_ATTEMPTS).
+      from jaxclf.data.sources import remote  # noqa: PLC0415 - only for s3:// roots
+      self.fs = remote.s3_filesystem()
+      self.root = self.fs._strip_protocol(self.url)
+    else:
+      self.fs, self.root = fsspec.core.url_to_fs(self.url)
     self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
                             else (self.fs.protocol,))
     if self.local:
@@ -138,6 +144,18 @@ class Store:
         os.chmod(p, 0o444)
       except OSError:
         pass
+
+
+def unreachable(e: BaseException) -> bool:
+  """The store did not answer (refused, reset, timed out) after the client's own retries."""
+  from jaxclf.data.sources.remote import unreachable as no_answer  # noqa: PLC0415
+  return no_answer(e)
+
+
+def gave_up(url: str) -> str:
+  """Which client retried a store's requests, and how often (for the one-line error)."""
+  from jaxclf.data.sources.remote import gave_up as note  # noqa: PLC0415
+  return note(url)
 
 
 def _unlink(path: str) -> None:

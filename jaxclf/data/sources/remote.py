@@ -3,15 +3,19 @@
 HTTP goes through `HttpFetcher` (stdlib urllib: timeouts, retries with backoff on timeouts,
 connection errors, truncated bodies and 408/429/5xx, a concurrency limit shared by all threads,
 a size cap). S3 goes through fsspec/s3fs, configured the standard AWS way (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers such as MinIO). GCS goes through
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3-compatible servers such as MinIO), with
+botocore's bounded 'standard' retries (AWS_MAX_ATTEMPTS). GCS goes through
 gcsfs with Google's default credentials, or an emulator named by STORAGE_EMULATOR_HOST. Every
-reader returns (bytes, None) or (None, reason): a failed download is a reported skip, not a crash.
+reader returns (bytes, None) or (None, reason): a failed download is a reported skip, not a crash;
+an object store that stops answering is a DataError naming the URI (skipping every file after it
+would silently make a different dataset).
 """
 from __future__ import annotations
 
 import http.client
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
@@ -20,7 +24,7 @@ import urllib.parse
 import urllib.request
 from typing import Callable
 
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # one image file larger than this is refused
 Reader = Callable[[], "tuple[bytes | None, str | None]"]
@@ -119,12 +123,18 @@ class _Fatal(Exception):
   """Not worth retrying."""
 
 
-def s3_filesystem():
-  """s3fs with the standard AWS configuration (env, ~/.aws); AWS_ENDPOINT_URL honoured."""
-  try:
-    import s3fs  # noqa: PLC0415 - optional edge dependency
-  except ImportError:
-    raise DataError("s3:// needs the s3fs package: pip install -r requirements/data.txt") from None
+S3_MAX_ATTEMPTS = 5  # botocore's default for its 'standard' retry mode
+
+
+def s3_max_attempts() -> int:
+  return int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+
+
+def s3_options() -> dict:
+  """fsspec storage options for s3fs: the standard AWS configuration (env, ~/.aws;
+  AWS_ENDPOINT_URL honoured) and one bounded retry policy, botocore's own: mode 'standard'
+  (connection errors, timeouts, throttling and 5xx retried with exponential backoff and jitter,
+  up to 20 s apart), AWS_MAX_ATTEMPTS attempts in all (default 5), as botocore reads it."""
   kw = {}
   endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
   if endpoint:
@@ -132,9 +142,75 @@ def s3_filesystem():
   region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
   if region:
     kw["region_name"] = region
+  retries = {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+             "max_attempts": s3_max_attempts()}
   # skip_instance_cache: fsspec caches filesystems by arguments, not by environment; a changed
   # endpoint or credentials must take effect.
-  return s3fs.S3FileSystem(client_kwargs=kw, skip_instance_cache=True)
+  return {"client_kwargs": kw, "config_kwargs": {"retries": retries, "connect_timeout": 10},
+          "skip_instance_cache": True}
+
+
+def s3_filesystem():
+  """s3fs configured by s3_options()."""
+  try:
+    import s3fs  # noqa: PLC0415 - optional edge dependency
+  except ImportError:
+    raise DataError("s3:// needs the s3fs package: pip install -r requirements/data.txt") from None
+  fs = s3fs.S3FileSystem(**s3_options())
+  # s3fs retries some errors itself, on top of botocore's attempts; one policy, not two nested.
+  fs.retries = 1
+  return fs
+
+
+def unreachable(e: BaseException) -> bool:
+  """The object store itself did not answer (refused, reset, timed out) after the client's own
+  retries, as opposed to an answer about this object (missing, forbidden)."""
+  kinds: list[type] = [ConnectionError, TimeoutError]
+  try:
+    import botocore.exceptions as be  # noqa: PLC0415
+    kinds += [be.ConnectionError, be.HTTPClientError]
+  except ImportError:
+    pass
+  try:
+    import aiohttp  # noqa: PLC0415
+    kinds += [aiohttp.ClientConnectionError]
+  except ImportError:
+    pass
+  return isinstance(e, tuple(kinds))
+
+
+_UNREACHABLE_END = "Rerun the same command when it is back"
+
+
+def store_unreachable(uri: str, e: BaseException, doing: str = "read") -> DataError:
+  """One line for a lost object store: the URI, what failed, and how often it was tried."""
+  return DataError(f"{uri}: the object store did not answer the {doing} ({type(e).__name__}: "
+                   f"{e}); {gave_up(uri)}. {_UNREACHABLE_END}")
+
+
+def gave_up(uri: str) -> str:
+  """Which client retried, and how many attempts it made, for `uri`'s store."""
+  if scheme(uri) == "s3":
+    return f"gave up after {s3_max_attempts()} attempts (botocore 'standard' retries)"
+  return f"gave up after {_gcsfs_attempts()} attempts (gcsfs's retries)"
+
+
+def _gcsfs_attempts() -> int | str:
+  """gcsfs's fixed schedule: `retries` attempts with exponential backoff (1, 2, 4, 8, 16 s plus
+  jitter), bound when gcsfs is imported; it takes no per-filesystem setting."""
+  try:
+    import gcsfs.core  # noqa: PLC0415
+    return int(gcsfs.core.GCSFileSystem.retries)
+  except (ImportError, AttributeError, TypeError, ValueError):
+    return "the client's"
+
+
+def store_unreachable_in(text: str) -> str | None:
+  """store_unreachable's line inside the text a distributed runner (Beam) wraps a worker's error
+  in, so that the driver can report it as the one line it was."""
+  found = re.search(r"((?:s3|gs)://\S+: the object store did not answer .*?" +
+                    re.escape(_UNREACHABLE_END) + ")", text, re.S)
+  return found.group(1) if found else None
 
 
 def gcs_filesystem():
@@ -212,7 +288,9 @@ class Opener:
         return None, f"no such {sch.upper()} object"
       except DataError as e:
         return None, str(e)
-      except Exception as e:  # noqa: BLE001 - botocore/gcsfs raise many types; all mean 'skip it'
+      except Exception as e:  # noqa: BLE001 - botocore/gcsfs raise many types
+        if unreachable(e):  # not this file's fault: skipping it would change the dataset
+          raise store_unreachable(uri, e) from None
         return None, f"{sch.upper()} read failed ({type(e).__name__}: {e})"
     return None, f"unsupported URI scheme {sch!r}"
 
@@ -236,6 +314,8 @@ class Opener:
     except DataError:
       raise
     except Exception as e:  # noqa: BLE001
+      if unreachable(e):
+        raise store_unreachable(prefix, e, "listing") from None
       raise DataError(f"cannot list {prefix!r}: {type(e).__name__}: {e}") from None
     out = []
     for key, info in sorted(found.items()):
@@ -269,6 +349,8 @@ def download(opener: Opener, uri: str, dest: str) -> None:
     raise
   except Exception as e:  # noqa: BLE001
     _unlink(tmp)
+    if unreachable(e):
+      raise store_unreachable(uri, e, "download") from None
     raise DataError(f"cannot download {uri!r}: {type(e).__name__}: {e}") from None
   os.replace(tmp, dest)
 
