@@ -16,7 +16,7 @@ import sys
 COMMAND_GROUPS = [
     ("jaxclf.data.data_cli", "add_data_commands"),
     ("jaxclf.evaluate.evaluate", "add_evaluate_command"),
-    ("jaxclf.export.cli", "add_export_commands"),
+    ("jaxclf.deploy.cli", "add_export_and_registry_commands"),
     ("serving.predict_cli", "add_serve_commands"),
     ("jaxclf.sweeps.cli", "add_sweep_commands"),
     ("jaxclf.tracking.compare", "add_runs_commands"),
@@ -30,8 +30,9 @@ class UserError(Exception):
 
 def _user_error_types():
   from jaxclf.config import ConfigError
-  from jaxclf.data.dataset import DataError
-  return (ConfigError, DataError, UserError, FileNotFoundError)
+  from jaxclf.data.types import DataError
+  from jaxclf.diskspace import DiskFullError
+  return (ConfigError, DataError, UserError, FileNotFoundError, DiskFullError)
 
 
 def run_training(config_spec: str, workdir: str, overrides=()) -> int:
@@ -40,10 +41,10 @@ def run_training(config_spec: str, workdir: str, overrides=()) -> int:
   reuse_freed_memory()  # before the JAX backend starts its threads; a no-op the second time
   enable_compilation_cache()
   from jaxclf.config import load_config
-  from jaxclf.sweeps.tracked import train_tracked  # train_and_evaluate + optional MLflow
+  from jaxclf.tracking.tracked_run import train_with_tracking
   try:
     config = load_config(config_spec, overrides)
-    record = train_tracked(config, workdir)
+    record = train_with_tracking(config, workdir)
   except _user_error_types() as e:
     print(f"jaxclf: error: {e}", file=sys.stderr)
     return 2
@@ -111,15 +112,54 @@ def build_parser() -> argparse.ArgumentParser:
 _JAX_COMPUTE_COMMANDS = ("sweep", "evaluate", "export")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Quiet(logging.Filter):
+  """Drops a library's records whose message starts with one of `prefixes`."""
+
+  def __init__(self, *prefixes: str):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefixes)
+
+
+# Library warnings that are not the user's to act on, by logger. onnx_ir notes intermediate
+# values it leaves untyped in the file; every export is parity-checked against JAX, so a wrong
+# graph fails there, with its numbers.
+_QUIET = {"onnx_ir.serde": _Quiet("The value type for shape")}
+
+
+def configure_logging() -> None:
+  """The console a user reads: jaxclf's own lines at $JAXCLF_LOGLEVEL (INFO by default) and
+  every library's warnings and errors. Libraries' INFO lines stay out: JAX's probe for a TPU
+  ("Unable to initialize backend 'tpu': ... libtpu.so", on every machine without one; a GPU is
+  still found and used), jax2onnx's notes on optional plugins (MaxText, MaxDiffusion) and its
+  conversion parameters, orbax's line per checkpoint save."""
+  from absl import logging as absl_logging
+  root = logging.getLogger()
+  # absl's app.run (`python -m jaxclf.main`) puts its handler on the root logger first, which
+  # would make basicConfig a no-op and, with set_verbosity, drop jaxclf's INFO lines.
+  if absl_logging.get_absl_handler() in root.handlers:
+    root.removeHandler(absl_logging.get_absl_handler())
+  logging.basicConfig(format=LOG_FORMAT)
+  name = os.environ.get("JAXCLF_LOGLEVEL", "INFO").strip().upper()
+  level = logging.getLevelNamesMapping().get(name, logging.INFO)
+  root.setLevel(max(level, logging.WARNING))
+  logging.getLogger("jaxclf").setLevel(level)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs through absl's logger
+  for logger, quiet in _QUIET.items():
+    logging.getLogger(logger).addFilter(quiet)  # once: the same filter is not added twice
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--config.a.b=v` works for `jaxclf train` as it does for `python -m jaxclf.main`.
   config_overrides = [a for a in argv if a.startswith("--config.")]
   argv = [a for a in argv if not a.startswith("--config.")]
-  logging.basicConfig(level=os.environ.get("JAXCLF_LOGLEVEL", "INFO"),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  from absl import logging as absl_logging  # orbax logs every save at INFO through absl
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  configure_logging()
   from jaxclf.data.data_cli import parse  # `data ingest --runner=...` passes Beam's options on
   args = parse(build_parser(), argv)
   args.config_overrides = config_overrides

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _YAML_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "yaml_file.py")
@@ -79,12 +79,11 @@ def main(argv):
     sys.exit(_print_config(*_config_spec_and_overrides()))
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
-  import logging as pylogging
-  pylogging.basicConfig(level=pylogging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO through absl
-  # One code path for `python -m jaxclf.main` and `jaxclf train`; run_training sets up host memory
+  # One code path for `python -m jaxclf.main` and `jaxclf train`: the same console (jaxclf's
+  # lines, libraries' warnings) and run_training, which sets up host memory
   # (jaxclf/ops/host_memory.py) before anything starts the JAX backend.
-  from jaxclf.cli import run_training
+  from jaxclf.cli import configure_logging, run_training
+  configure_logging()
   spec, overrides = _config_spec_and_overrides()
   sys.exit(run_training(spec, FLAGS.workdir, overrides))
 

@@ -122,9 +122,11 @@ def render_config() -> str:
 # The public surface: what a user's code calls (the rest is reachable from these pages' links).
 API_MODULES = (
     "jaxclf.config", "jaxclf.data.dataset", "jaxclf.data.decode", "jaxclf.data.transforms",
-    "jaxclf.data.ingest", "jaxclf.models", "jaxclf.train.loop", "jaxclf.train.checkpoints",
-    "jaxclf.calibration", "jaxclf.evaluate.evaluate", "jaxclf.evaluate.metrics",
-    "jaxclf.evaluate.curves", "jaxclf.export.onnx", "jaxclf.export.triton", "jaxclf.registry",
+    "jaxclf.data.ingest", "jaxclf.data.ingest_options", "jaxclf.models", "jaxclf.train.loop",
+    "jaxclf.train.checkpoints", "jaxclf.calibration", "jaxclf.evaluate.evaluate",
+    "jaxclf.evaluate.model_loader", "jaxclf.evaluate.held_out", "jaxclf.evaluate.metrics",
+    "jaxclf.evaluate.curves", "jaxclf.export.onnx", "jaxclf.export.triton_config",
+    "jaxclf.export.triton_repository", "jaxclf.export.triton_server", "jaxclf.registry",
     "jaxclf.tracking.compare", "jaxclf.tracking.run_record", "jaxclf.sweeps.space",
     "serving.app", "serving.backends", "serving.settings",
 )

@@ -13,6 +13,18 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent XLA compilation cache for the suite, its subprocesses (the `jaxclf` CLI reads
+# JAXCLF_COMPILATION_CACHE) and notebook kernels (plain JAX reads JAX_COMPILATION_CACHE_*): the same
+# tiny models are compiled by dozens of tests and processes. Apart from the user's own cache, so a
+# test run neither fills nor relies on it. Bounded, which also makes JAX lock it between processes.
+_XLA_CACHE = os.environ.setdefault("JAXCLF_COMPILATION_CACHE", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxclf", "xla-tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+from jaxclf.ops.compile_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
+
 
 @pytest.fixture(scope="session")
 def repo_root():

@@ -425,7 +425,7 @@ def test_beam_reads_and_writes_gs(hostile_folder, tmp_path, gcs_server, beam_pyt
   described = ingest.describe(f"gs://{GCS_BUCKET}/lists/labels.csv", opts(tmp_path / "unused"))
   assert described["version"] == version and described["num_records"] == m_gs["num_records"]
 
-  # A bucket that is not there: listing it (ingest.resolve, which the Beam driver runs too)
+  # A bucket that is not there: listing it (ingest_sources.resolve, which the Beam driver runs too)
   # fails with one clear error.
   rc = data_cli.main(["data", "info", f"gs://no-such-bucket-{os.getpid()}/photos"])
   err = capsys.readouterr().err

@@ -58,6 +58,22 @@ def test_a_step_with_onednn_calls_is_reused_from_the_cache(tmp_path):
 
 
 def test_turned_off_writes_nothing(tmp_path):
-  env = {**os.environ, "JAXCLF_COMPILATION_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path)}
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update({"JAXCLF_COMPILATION_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path)})
   got = _child(env)
   assert not got["status"]["enabled"] and not (tmp_path / "jaxclf").exists()
+
+
+def test_entries_of_an_unbounded_cache_do_not_break_the_bounded_one(tmp_path):
+  """A directory filled by an unbounded cache (no -atime files) is stamped on enable, so the
+  bounded cache's eviction scan finds a stamp for every entry and the next write succeeds."""
+  (tmp_path / "xla").mkdir()
+  (tmp_path / "xla" / "jit_old-0123-cache").write_bytes(b"an entry from an older run")
+  env = {**os.environ, "JAXCLF_COMPILATION_CACHE": str(tmp_path / "xla")}
+  out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Error writing persistent compilation cache" not in out.stderr, out.stderr[-2000:]
+  names = os.listdir(tmp_path / "xla")
+  assert "jit_old-0123-atime" in names
+  assert sum(n.endswith("-cache") for n in names) > 1  # this process's step was written too

@@ -351,7 +351,7 @@ def test_export_cli_from_a_training_run(tmp_path, capsys):
   """`jaxclf export --run RUN --out DIR --register NAME` on a real (tiny) training run: the
   export records where it came from, and the registry version carries it."""
   from jaxclf.cli import run_training
-  from jaxclf.export.cli import main
+  from jaxclf.deploy.cli import main
   from jaxclf.registry import Registry
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = tmp_path / "run"

@@ -34,7 +34,7 @@ def make_export(d: Path, val: float, test: float, dataset_version: str = "ds-1")
 
 
 def cli(*argv: str) -> int:
-  from jaxclf.export.cli import main
+  from jaxclf.deploy.cli import main
   return main(list(argv))
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import corpus
-from jaxclf.data import data_cli, decode, ingest
+from jaxclf.data import data_cli, decode, ingest, ingest_shards
 from jaxclf.data.dataset import DataError, load_dataset
-from jaxclf.data.sources import archive, image_folder, ingested
+from jaxclf.data.sources import archive, image_folder, ingested, scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +206,7 @@ def test_resume_reuses_journaled_checks_and_shards(tmp_path, monkeypatch):
   clean = tmp_path / "clean"
   ingest.ingest(str(root), opts(clean, shard_mb=0.003))
   crashed = tmp_path / "crashed"
-  real_write = ingest.write_shard
+  real_write = ingest_shards.write_shard
   calls = {"n": 0}
 
   def dying_write(*a, **kw):
@@ -215,19 +215,19 @@ def test_resume_reuses_journaled_checks_and_shards(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # stands in for a crash in the middle of the shard phase
     return real_write(*a, **kw)
 
-  monkeypatch.setattr(ingest, "write_shard", dying_write)
+  monkeypatch.setattr(ingest_shards, "write_shard", dying_write)
   with pytest.raises(KeyboardInterrupt):
     ingest.ingest(str(root), opts(crashed, shard_mb=0.003))
-  monkeypatch.setattr(ingest, "write_shard", real_write)
+  monkeypatch.setattr(ingest_shards, "write_shard", real_write)
   assert _lines(crashed / ".partial" / "shards.jsonl") == 2
   checked_calls = {"n": 0}
-  real_check = ingest.scan.check_files
+  real_check = scan.check_files
 
   def counting_check(items, **kw):
     checked_calls["n"] += len(items)
     return real_check(items, **kw)
 
-  monkeypatch.setattr(ingest.scan, "check_files", counting_check)
+  monkeypatch.setattr(scan, "check_files", counting_check)
   ingest.ingest(str(root), opts(crashed, shard_mb=0.003))
   assert checked_calls["n"] == 0  # every check came from the journal
   assert tree_bytes(clean) == tree_bytes(crashed)

@@ -80,7 +80,10 @@ def test_gradients_are_deterministic(impl):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet_tiny", "vgg_tiny"])
+# VGG adds no layer kind that the CNN (conv, pool) and ResNet (BatchNorm, strided conv, skip) do
+# not have: its cases run with -m slow.
+@pytest.mark.parametrize("name", ["cnn", "resnet_tiny",
+                                  pytest.param("vgg_tiny", marks=pytest.mark.slow)])
 def test_models_keep_their_parameter_paths_and_values_whatever_the_conv_impl(name):
   x = jnp.zeros((2, 28, 28, 1))
   ref = create_model(name, 10).init(jax.random.key(0), x, train=False)
@@ -154,7 +157,8 @@ def test_batchnorm_equals_flax_batchnorm_values_gradients_and_running_stats(trai
 
 
 @pytest.mark.parametrize("name,kwargs", [("cnn", {"layers": (32, "M", 64, "M", 128)}),
-                                         ("vgg_tiny", {}), ("resnet_tiny", {})])
+                                         pytest.param("vgg_tiny", {}, marks=pytest.mark.slow),
+                                         ("resnet_tiny", {})])
 def test_whole_model_train_step_matches_the_xla_path(name, kwargs):
   """Loss, gradients and new batch statistics of a train-mode pass, each impl against 'xla'
   (conv, BatchNorm+ReLU and pooling all swapped). A ReLU unit whose input sits within rounding

@@ -118,7 +118,10 @@ def _variables_and_grads(model, x, labels):
   return variables, l, logits, grads
 
 
-@pytest.mark.parametrize("name", ["efficientnet_tiny", "efficientnet_lite_tiny"])
+# Lite0 (the photo backbone: ReLU6, no squeeze-excite) in the default suite; B0's extra
+# squeeze-excite and swish add no convolution path, so its twin runs with -m slow.
+@pytest.mark.parametrize("name", [pytest.param("efficientnet_tiny", marks=pytest.mark.slow),
+                                  "efficientnet_lite_tiny"])
 def test_efficientnet_on_onednn_matches_the_xla_model(name):
   """Same parameter tree (so checkpoints and ImageNet weights load unchanged), same loss and
   gradients in train mode. Bound: the chain has D = 3 * blocks + 3 reductions (expand, depthwise,

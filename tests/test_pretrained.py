@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from jaxclf.models import create_model
-from jaxclf.models.pretrained import (LEGACY_MAGIC, LEGACY_PROTOCOL, PretrainedError,
-                                      convert_state_dict, load_pretrained, pretrained_for_model,
+from jaxclf.models.pretrained import (convert_state_dict, load_pretrained, pretrained_for_model,
                                       pretrained_preprocess_spec, pretrained_weights_path,
-                                      read_pretrained, read_torch_state_dict)
+                                      read_pretrained)
+from jaxclf.models.state_dict import (LEGACY_MAGIC, LEGACY_PROTOCOL, PretrainedError,
+                                      read_torch_state_dict)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

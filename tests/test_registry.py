@@ -219,7 +219,7 @@ def test_concurrent_registers_never_share_a_version(registry, export_dir, tmp_pa
 
 
 def _cli(capsys, *argv):
-  from jaxclf.export.cli import main
+  from jaxclf.deploy.cli import main
   rc = main(list(argv))
   out, err = capsys.readouterr()
   return rc, out, err
@@ -251,7 +251,8 @@ def test_cli_register_list_show_promote_rollback(capsys, export_dir, tmp_path):
 def test_promote_rewrites_the_triton_model_repository(capsys, export_dir, tmp_path):
   """Offline (no server): the repository follows production. Needs the serving venv for Triton's
   ModelConfig schema (scripts/setup_serving_env.sh)."""
-  from jaxclf.export.triton import read_config, served_version
+  from jaxclf.export.triton_config import read_config
+  from jaxclf.export.triton_repository import served_version
   root = ["registry", "--root", str(tmp_path / "reg")]
   repo = str(tmp_path / "model_repository")
   for _ in range(2):
@@ -336,7 +337,7 @@ def test_accuracy_shown_is_single_view_and_tta_is_apart(registry, export_dir, tm
   # The plain fixture (no TTA in its config): metrics.test is the accuracy, no TTA column value.
   s3 = registry.register(export_dir, "fashion").summary()
   assert s3["test_accuracy"] == 0.905 and s3["test_tta_accuracy"] is None
-  from jaxclf.export.cli import main
+  from jaxclf.deploy.cli import main
   capsys.readouterr()
   assert main(["registry", "--root", registry.root, "list", "fashion"]) == 0
   lines = capsys.readouterr().out.splitlines()

@@ -26,11 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 from jaxclf.data.sources import fashion_mnist
 from jaxclf.data.transforms import PreprocessSpec
 from jaxclf.evaluate import report
-from jaxclf.evaluate.evaluate import EvaluationError, evaluate_model
+from jaxclf.evaluate.evaluate import evaluate_model
+from jaxclf.evaluate.model_loader import EvaluationError
 from jaxclf.evaluate.schema import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

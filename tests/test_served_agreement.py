@@ -210,7 +210,7 @@ def check_served_agreement(run_dir: str, record: dict, test_data: str, test_x: n
 def row_positions(ev) -> np.ndarray:
   """Each evaluated row's position in the Fashion-MNIST test set: the row index itself for
   'fashion_mnist', the file name (written by `write_png_folder`) for a folder of PNGs."""
-  from jaxclf.evaluate.evaluate import load_test_data
+  from jaxclf.evaluate.held_out import load_test_data
   if ev.doc["data"]["kind"] == "fashion_mnist":
     return np.asarray(ev.example_index)
   data = load_test_data(ev.doc["data"]["source"])

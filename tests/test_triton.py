@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _serving_env():
-  from jaxclf.export.triton import ServingEnv, ServingEnvError
+  from jaxclf.export.serving_env import ServingEnv, ServingEnvError
   try:
     return ServingEnv.find()
   except ServingEnvError as e:
@@ -85,7 +85,7 @@ def _client(env, url, protocol, files, *extra):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   env = _serving_env()
-  from jaxclf.export.triton import TritonServer
+  from jaxclf.export.triton_server import TritonServer
   from jaxclf.registry import Registry
   from jaxclf.deploy.sync import sync_serving
   tmp = tmp_path_factory.mktemp("triton")
@@ -130,7 +130,7 @@ def test_server_health_config_and_metrics(served):
 
 
 def test_repository_configs_parse_against_triton_schema(served):
-  from jaxclf.export.triton import read_config, validate_repository
+  from jaxclf.export.triton_config import read_config, validate_repository
   configs = validate_repository(served["repo"])
   assert set(configs) == {"fashion", "fashion_onnx", "fashion_preprocess", "fashion_postprocess",
                           "fashion_image"}
@@ -291,7 +291,9 @@ def test_promote_and_rollback_switch_the_served_version_live(served):
   # After the rollback the idle v2 of each composing model is unloaded at once: an unversioned
   # request to NAME (image_client, perf_analyzer) goes to the highest loaded version, so v2 must
   # not be left loaded.
-  from jaxclf.export.triton import read_config, repository_index, served_version
+  from jaxclf.export.triton_config import read_config
+  from jaxclf.export.triton_repository import served_version
+  from jaxclf.export.triton_server import repository_index
   ready = {(m["name"], m.get("version")) for m in repository_index(s.http_url)
            if m.get("state") == "READY"}
   for m in ("fashion", "fashion_preprocess", "fashion_postprocess"):
@@ -326,7 +328,7 @@ def test_onnx_twin_has_the_standard_interface_and_loads_the_raw_graph(served):
   from jaxclf.data.sources.fashion_mnist import load_arrays
   from jaxclf.data.transforms import normalize
   from jaxclf.export.onnx import ort_session, raw_pixels
-  from jaxclf.export.triton import check_standard_interface, read_config
+  from jaxclf.export.triton_config import check_standard_interface, read_config
   repo = served["repo"]
   gpu_dir, cpu_dir = os.path.join(repo, "fashion_onnx"), os.path.join(repo, "fashion")
   gpu, cpu = read_config(gpu_dir), read_config(cpu_dir)
@@ -352,8 +354,8 @@ def test_onnx_twin_has_the_standard_interface_and_loads_the_raw_graph(served):
 
 
 def test_standard_interface_check_names_the_broken_rule(tmp_path):
-  from jaxclf.export.triton import (TritonConfigError, check_standard_interface, model_configs,
-                                    parse_pbtxt, to_pbtxt)
+  from jaxclf.export.triton_config import (TritonConfigError, check_standard_interface,
+                                           model_configs, parse_pbtxt, to_pbtxt)
   good = model_configs("m", (28, 28, 1), 10, 1)["m"]
   parse = lambda cfg: parse_pbtxt(to_pbtxt(cfg))
   out = good["output"][0]
@@ -428,7 +430,8 @@ def trained_classifier(single_view_tiny_run, tmp_path_factory):
 
   from jaxclf.data.sources.fashion_mnist import load_arrays
   from jaxclf.export.onnx import export_run
-  from jaxclf.export.triton import TritonServer, write_model_repository
+  from jaxclf.export.triton_repository import write_model_repository
+  from jaxclf.export.triton_server import TritonServer
   env = _serving_env()
   tmp = tmp_path_factory.mktemp("triton-standard")
   run_dir, record = single_view_tiny_run

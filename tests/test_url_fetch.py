@@ -180,7 +180,9 @@ def test_one_deadline_byte_cap_and_no_redirects(local_server):
   e = refusal(f, "http://img.example.com/trickle")
   took = time.monotonic() - t0
   assert e.code == "url_timeout" and "url_timeout_s" in e.message
-  assert took < 2.5, took  # url_timeout_s is 1 s for the whole fetch, not per read
+  # url_timeout_s (1 s) bounds the whole fetch, not each read: the trickle takes 100 s, and a
+  # per-read timeout would never fire. 30 s is the behaviour's bound, not a timing claim.
+  assert took < 30, took
   assert refusal(f, "http://img.example.com/big").code == "file_too_large"
   assert refusal(f, "http://img.example.com/big-undeclared").code == "file_too_large"
   e = refusal(f, "http://img.example.com/redirect")

@@ -17,7 +17,8 @@ import pytest
 
 from jaxclf.cli import main as cli_main
 from jaxclf.models import create_model
-from jaxclf.models.pretrained import LEGACY_MAGIC, LEGACY_PROTOCOL, PretrainedError, load_pretrained
+from jaxclf.models.pretrained import load_pretrained
+from jaxclf.models.state_dict import LEGACY_MAGIC, LEGACY_PROTOCOL, PretrainedError
 from jaxclf.models.weights import (ARCHS, META_KEY, convert_file, convert_torchvision,
                                    pretrained_provenance, read_safetensors, torchvision_layout)
 

@@ -5,8 +5,9 @@ Runs in its own environment (.venv-beam, `bash scripts/setup_beam_env.sh`: apach
 protobuf<7 and pyarrow<26, which the training lock cannot take) and imports only the jax-free
 `jaxclf.data` modules. The stages, each the local path's own code:
 
-  driver   list the source (ingest.resolve: folder, archive, CSV/JSONL manifest, s3:// prefix)
-           into candidate files, with the same label and split checks (plan.class_index)
+  driver   list the source (ingest_sources.resolve: folder, archive, CSV/JSONL manifest,
+           s3:// prefix) into candidate files, with the same label and split checks
+           (plan.class_index)
   Beam     read + decode-check every file (scan.check_bytes, i.e. decode.py): failures are skip
            records {path, stage, reason}, never exceptions
            sha256 groups: CombinePerKey on the hash (exact duplicates: one group, one split)
@@ -15,8 +16,9 @@ protobuf<7 and pyarrow<26, which the training lock cannot take) and imports only
            usable-classes check (plan.check_usable) as a side input of the shard writer, so a
            source with no valid image fails before any shard is written
            ArrayRecord shards by layout.py (hash of seed, split, sha256, uri), to temp names
-  driver   manifest + card from the records' metadata (ingest.build_manifest, plan.build_report),
-           then commit: shards moved into place, the Parquet index, manifest.json last
+  driver   manifest + card from the records' metadata (ingest_manifest.build_manifest,
+           plan.build_report), then commit: shards moved into place, the Parquet index,
+           manifest.json last
 
 Temp files live in OUT/.partial-beam/ (store.Store: a local folder, s3:// or gs://), where the
 workers of a cluster reach them when OUT is an object store. A rerun after a kill starts the
@@ -45,8 +47,10 @@ import numpy as np  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from jaxclf.data import ingest as ingest_lib  # noqa: E402
+from jaxclf.data import ingest_manifest, ingest_shards, ingest_sources  # noqa: E402
+from jaxclf.data.ingest_options import IngestOptions, log  # noqa: E402
 from jaxclf.data import layout, splits  # noqa: E402
-from jaxclf.data.dataset import DataError  # noqa: E402
+from jaxclf.data.types import DataError  # noqa: E402
 from jaxclf.data.sources import archive, ingested, remote, scan  # noqa: E402
 from jaxclf.data.sources import plan as plan_lib  # noqa: E402
 from jaxclf.data.store import Store  # noqa: E402
@@ -219,7 +223,7 @@ class _WriteShard(beam.DoFn):
     self.opener = _create_opener(self.s)
 
   def _read(self, meta: dict) -> bytes:
-    """The file's bytes again, as checked (ingest._entry_bytes does the same)."""
+    """The file's bytes again, as checked (ingest_shards._entry_bytes does the same)."""
     data, err = self.opener.read(meta["loc"])
     if data is None:
       _fail(f"{meta['uri']}: readable when checked, now fails ({err}); re-run ingest")
@@ -241,10 +245,10 @@ class _WriteShard(beam.DoFn):
     # A unique temp suffix: a retried or speculative copy of this bundle never shares a file.
     suffix = f".tmp-{uuid.uuid4().hex}"
     if direct is not None:
-      row = ingest_lib.write_shard_file(direct, records, tmp_suffix=suffix)
+      row = ingest_shards.write_shard_file(direct, records, tmp_suffix=suffix)
     else:  # ArrayRecord writes local files: write one, then upload it
       with tempfile.TemporaryDirectory(prefix="jaxclf-shard-") as tmp:
-        row = ingest_lib.write_shard_file(os.path.join(tmp, name), records, tmp_suffix=suffix)
+        row = ingest_shards.write_shard_file(os.path.join(tmp, name), records, tmp_suffix=suffix)
         self.store.put(os.path.join(tmp, name), rel)
     yield {"t": "shard", "split": split, **row}
     for key, meta in items:
@@ -363,7 +367,7 @@ def build(p: beam.Pipeline, store: Store, parts: list[str], row_buckets: int, s:
 
 # ------------------------------------------------------------------------------- driver
 
-def _candidate_rows(res: ingest_lib.Resolved, index: dict[str, int]):
+def _candidate_rows(res: ingest_sources.Resolved, index: dict[str, int]):
   for i, c in enumerate(res.candidates):
     yield {"i": i, "uri": c.uri, "loc": c.location or c.uri, "label": index[c.label_name],
            "split": c.split}
@@ -372,7 +376,7 @@ def _candidate_rows(res: ingest_lib.Resolved, index: dict[str, int]):
 CANDIDATES_PER_FILE = 50_000
 
 
-def _write_candidates(store: Store, res: ingest_lib.Resolved, index: dict[str, int]) -> list[str]:
+def _write_candidates(store: Store, res: ingest_sources.Resolved, index: dict[str, int]) -> list[str]:
   """candidates.jsonl parts in the store, where every worker can read them."""
   rows = list(_candidate_rows(res, index))
   parts = []
@@ -398,6 +402,8 @@ def _run(s: Settings, store: Store, parts: list[str], runner: str,
     found = re.search(re.escape(_MARK) + "(.*?)" + re.escape(_MARK), str(e), re.S)
     if found:
       raise DataError(found.group(1)) from None
+    if (lost := remote.store_unreachable_in(str(e))) is not None:  # an object store went away
+      raise DataError(lost) from None
     raise
   rows = []
   for rel in store.files(f"{WORK}/rows"):
@@ -405,7 +411,7 @@ def _run(s: Settings, store: Store, parts: list[str], runner: str,
   return rows
 
 
-def _plan(s: Settings, res: ingest_lib.Resolved, rows: list[dict]) -> tuple[plan_lib.Plan, dict]:
+def _plan(s: Settings, res: ingest_sources.Resolved, rows: list[dict]) -> tuple[plan_lib.Plan, dict]:
   """The pipeline's records -> the same Plan the local path builds (entries in candidate order,
   skips in the order the local path reports them)."""
   names = list(s.class_names)
@@ -439,7 +445,7 @@ def _commit(store: Store, s: Settings, plan: plan_lib.Plan, written: dict):
   """Checks the pipeline's shards against the layout the local path computes, then moves them
   into place and removes shards of an earlier layout. -> (layout, split -> shard rows)."""
   shard_rows = {}
-  lay = ingest_lib.shard_layout(plan, s.seed, s.shard_mb)
+  lay = ingest_shards.shard_layout(plan, s.seed, s.shard_mb)
   for split, shards in lay.items():
     shard_rows[split] = []
     for i, entries in enumerate(shards):
@@ -462,9 +468,9 @@ def _publish(store: Store, manifest: dict, index: str) -> dict:
   """Index files and card, then manifest.json last (its presence means complete)."""
   import tempfile  # noqa: PLC0415
   if not store.remote:
-    return ingest_lib.write_manifest(store.root, manifest, index)
+    return ingest_manifest.write_manifest(store.root, manifest, index)
   with tempfile.TemporaryDirectory(prefix="jaxclf-beam-manifest-") as stage:
-    written = ingest_lib.write_manifest(stage, manifest, index)
+    written = ingest_manifest.write_manifest(stage, manifest, index)
     files = sorted(os.path.relpath(os.path.join(d, f), stage)
                    for d, _, fs in os.walk(stage) for f in fs)
     for rel in store.files(ingested.INDEX_DIR):
@@ -477,7 +483,7 @@ def _publish(store: Store, manifest: dict, index: str) -> dict:
   return written
 
 
-def ingest(src: str, opts: ingest_lib.IngestOptions, runner: str = "direct",
+def ingest(src: str, opts: IngestOptions, runner: str = "direct",
            pipeline_args: list[str] | None = None) -> dict:
   """The Beam ingest of `src` into opts.out (a local folder, s3:// or gs://); returns the
   manifest, as the local `ingest` does. Temp files live in OUT/.partial-beam/, where every worker
@@ -506,7 +512,7 @@ def ingest(src: str, opts: ingest_lib.IngestOptions, runner: str = "direct",
     if existing is not None:
       return existing
     store.remove(WORK)  # a killed run's leftovers: the pipeline starts again from scratch
-    res = ingest_lib.resolve(src, listing, opts, opener)
+    res = ingest_sources.resolve(src, listing, opts, opener)
     if res.kind in ("fashion_mnist", "tfds"):
       raise DataError(f"{src}: in-memory sources are ingested by the local path; drop --runner")
     if not res.candidates:
@@ -522,16 +528,16 @@ def ingest(src: str, opts: ingest_lib.IngestOptions, runner: str = "direct",
                  http=(opts.http_timeout, opts.http_retries, opts.http_concurrency),
                  class_names=tuple(names), per_class_in=tuple(int(n) for n in per_class_in),
                  near_duplicates=opts.near_duplicates)
-    ingest_lib._log(f"{len(res.candidates)} files from {src} ({res.kind}); Beam {RUNNERS[runner]}")
+    log(f"{len(res.candidates)} files from {src} ({res.kind}); Beam {RUNNERS[runner]}")
     rows = _run(s, store, parts, runner, list(pipeline_args or []))
   finally:
     archive.remove(scratch)
   plan, written = _plan(s, res, rows)
   lay, shard_rows = _commit(store, s, plan, written)
-  manifest = ingest_lib.build_manifest(src, res, plan, lay, shard_rows, opts)
+  manifest = ingest_manifest.build_manifest(src, res, plan, lay, shard_rows, opts)
   manifest["provenance"]["engine"] = f"beam:{RUNNERS[runner]}"
   manifest = _publish(store, manifest, opts.index)
   store.remove(WORK)
-  ingest_lib._log(f"done: {manifest['num_records']} records, version {manifest['version']}, "
+  log(f"done: {manifest['num_records']} records, version {manifest['version']}, "
                   f"{manifest['report']['num_skipped']} skipped -> {out}")
   return manifest

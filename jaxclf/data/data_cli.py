@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 from jaxclf.data.sources.plan import SPLITS
 
 
@@ -79,7 +79,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def _options(args):
-  from jaxclf.data.ingest import IngestOptions  # noqa: PLC0415
+  from jaxclf.data.ingest_options import IngestOptions  # noqa: PLC0415
   return IngestOptions(
       out=getattr(args, "out", ""), name=getattr(args, "name", ""),
       license=getattr(args, "license", "unknown"), description=getattr(args, "description", ""),
@@ -108,9 +108,10 @@ def beam_python() -> str | None:
 def _ingest_argv(args) -> list[str]:
   """This ingest as `jaxclf.data.data_cli` arguments, to re-run it in .venv-beam."""
   argv = ["data", "ingest", args.source, "--out", args.out, "--runner", args.runner]
+  # Every ingest option (tests/test_options.py re-parses this list against the parser).
   for flag in ("name", "license", "description", "val_fraction", "test_fraction", "seed",
-               "channels", "max_pixels", "shard_mb", "http_timeout", "http_retries",
-               "http_concurrency", "index"):
+               "channels", "max_pixels", "shard_mb", "workers", "http_timeout", "http_retries",
+               "http_concurrency", "tfds_data_dir", "index"):
     argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
   return (argv + (["--force"] if args.force else []) +
           ([] if args.near_duplicates else ["--no-near-duplicates"]) +
@@ -142,10 +143,37 @@ def run_ingest(args) -> int:
 
 
 def _print_ingest(args, m: dict) -> int:
+  """The summary as one JSON line on stdout (for scripts); every skip, on stderr, for the person."""
   print(json.dumps({"out": args.out, "version": m["version"], "records": m["num_records"],
                     "splits": {s: m["splits"][s]["count"] for s in SPLITS},
                     "skipped": m["report"]["num_skipped"]}))
+  skipped = m["report"]["skipped"]
+  if skipped:
+    where = os.path.join(args.out, "manifest.json")
+    print(f"[ingest] skipped {len(skipped)} file(s):", file=sys.stderr)
+    lines = format_skipped(skipped, SKIPPED_SHOWN, f"all are in {where} under report.skipped, "
+                                                   f"and `jaxclf data info {args.out}` lists them")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+  from jaxclf.data.dataset import small_split_warnings  # noqa: PLC0415
+  fix = ("The source's own val/ and test/ folders set them: add images there."
+         if m["provenance"].get("given_splits") else
+         "Ingest again with a larger --val-fraction / --test-fraction (and --force), or add "
+         "images.")
+  for warning in small_split_warnings({s: m["splits"][s]["count"] for s in SPLITS}, fix):
+    print(f"[ingest] warning: {warning}", file=sys.stderr, flush=True)
   return 0
+
+
+SKIPPED_SHOWN = 20  # a screenful; the manifest keeps every one
+
+
+def format_skipped(skipped: list[dict], limit: int, rest: str) -> list[str]:
+  """One line per skipped file (path, [stage], reason), the first `limit`; then how many more
+  there are and `rest`, where to find them."""
+  lines = [f"  {x['path']}  [{x['stage']}] {x['reason']}" for x in skipped[:limit]]
+  if len(skipped) > limit:
+    lines.append(f"  ... {len(skipped) - limit} more: {rest}")
+  return lines
 
 
 def summarize(m: dict) -> dict:
@@ -186,10 +214,7 @@ def format_info(s: dict, show_skipped: int = 20) -> str:
   by_stage = collections.Counter(x["stage"] for x in s["skipped"])
   if by_stage:
     lines[-1] += "  (" + ", ".join(f"{k} {v}" for k, v in sorted(by_stage.items())) + ")"
-  for x in s["skipped"][:show_skipped]:
-    lines.append(f"  {x['path']}  [{x['stage']}] {x['reason']}")
-  if len(s["skipped"]) > show_skipped:
-    lines.append(f"  ... {len(s['skipped']) - show_skipped} more (--json for all)")
+  lines += format_skipped(s["skipped"], show_skipped, "--json for all")
   return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Export (ONNX via jax2onnx, parity-checked) and the Triton model-repository writer.
 
 Submodules are imported on use: `jaxclf.export.onnx` needs jax + onnx (training venv),
-`jaxclf.export.triton` needs neither and also runs in the serving venv (.venv-serve).
+the Triton modules (`triton_config`, `triton_repository`, `triton_server`, `serving_env`, the
+`triton` CLI) need neither and also run in the serving venv (.venv-serve).
 """

@@ -11,7 +11,7 @@ stock Flax ones (measured in bench/train.py and bench/conv.py; on GPU they are n
     'onednn'  the forward by XLA, both gradients by oneDNN (the library PyTorch uses on CPU),
               through `jax.ffi` (`jaxclf/ops/onednn.py`; needs the extension built by setup).
     'auto'    'onednn' on CPU when the extension is built, else 'matmul'; 'xla' off CPU.
-  Measured on the anchor CNN's layers (batch 256, 2 cores, helpers' load in the same run, ms):
+  Measured on the anchor CNN's layers (batch 256, 2 CPU cores, both sides in the same run, ms):
 
     layer (HxW cin->cout)   forward   kernel grad: xla autodiff / 'matmul'   input grad
     28x28  32->32             128              2376 / 580                      123

@@ -6,7 +6,7 @@ which keeps 28x28 inputs from collapsing to 1x1 before the last stage.
 Padding is torchvision's, symmetric: 1/1 for every 3x3 conv and the stem max pool, 3/3 for the 7x7
 stem, 0 for the 1x1 convs. Flax's 'SAME' pads 0/1 for a stride-2 3x3 on an even size, which shifts
 every downsampled map by half a pixel, so torchvision weights (`jaxclf weights convert`) would
-not reproduce their logits. (Changed in issue 12: ResNet figures measured before differ slightly.)
+not reproduce their logits.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxclf.hashing import sha256_file
-from jaxclf.models.pretrained import PretrainedError, fill_variables, read_torch_state_dict
+from jaxclf.models.state_dict import PretrainedError, fill_variables, read_torch_state_dict
 
 log = logging.getLogger(__name__)
 

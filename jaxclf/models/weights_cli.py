@@ -38,7 +38,7 @@ def _convert(args) -> int:
 
 def _guarded(fn):
   def run(args) -> int:
-    from jaxclf.models.pretrained import PretrainedError
+    from jaxclf.models.state_dict import PretrainedError
     try:
       return fn(args)
     except PretrainedError as e:

@@ -14,7 +14,10 @@ jax/jaxlib versions, the backend and XLA flags, so a changed model or upgrade co
 The oneDNN calls (jaxclf/ops/onednn.py) are FFI custom calls resolved by name when an executable
 loads, so cached steps use whatever extension this process registered. Only compilations that
 took at least `min_compile_s` are written (JAX's default threshold: one second), so tiny jits do
-not litter the directory. Entries are written atomically by JAX; several processes may share it.
+not litter the directory. The cache is bounded (`max_bytes`, 4 GiB by default; JAX evicts the
+least recently used entries), and bounding it also turns on JAX's file lock around every read
+and write, so several processes (a sweep's workers, a test suite's subprocesses) can share it:
+without the lock JAX writes entries in place and a reader could see half of one.
 A cache on a disk shared between machines with different CPUs is not a good idea: XLA CPU code is
 compiled for the host's instruction set (AVX-512 or not), so keep it machine-local (the default).
 """
@@ -36,8 +39,12 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
   return os.path.join(base, "jaxclf", "xla")
 
 
+MAX_BYTES = 4 << 30
+
+
 def enable_compilation_cache(environ: Mapping[str, str] | None = None,
-                             min_compile_s: float = 1.0) -> dict[str, Any]:
+                             min_compile_s: float = 1.0,
+                             max_bytes: int = MAX_BYTES) -> dict[str, Any]:
   """Points JAX's persistent compilation cache at `cache_dir()`; idempotent. Returns what it did
   ({'dir': ..., 'enabled': bool, 'why': ...}), which the run record keeps."""
   global _status
@@ -52,11 +59,32 @@ def enable_compilation_cache(environ: Mapping[str, str] | None = None,
   except OSError as e:  # a read-only home must not stop training: compile as before
     _status = {"enabled": False, "dir": path, "why": f"cannot create {path}: {e.strerror}"}
     return _status
+  _stamp_unstamped_entries(path)
   import jax
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))
+  jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
   _status = {"enabled": True, "dir": path, "why": "persistent XLA compilation cache"}
   return _status
+
+
+def _stamp_unstamped_entries(path: str) -> None:
+  """Gives every entry without one the access-time file that JAX's bounded cache keeps beside it.
+  Entries written by an unbounded cache (an older jaxclf, plain JAX) have none, and the bounded
+  cache's eviction scan reads one for every entry: without this, every later write fails with a
+  FileNotFoundError warning. The stamp is the entry's mtime, so old entries are evicted first."""
+  try:
+    names = set(os.listdir(path))
+  except OSError:
+    return
+  for name in names:
+    if name.endswith("-cache") and name[:-len("-cache")] + "-atime" not in names:
+      try:
+        mtime_ns = os.stat(os.path.join(path, name)).st_mtime_ns
+        with open(os.path.join(path, name[:-len("-cache")] + "-atime"), "wb") as f:
+          f.write(mtime_ns.to_bytes(8, "little"))
+      except OSError:  # removed meanwhile, or a read-only cache: JAX copes with both
+        pass
 
 
 def compilation_cache_status() -> dict[str, Any]:

@@ -68,14 +68,13 @@ oneDNN picks brdgmm_dw (forward), jit_dw (backward-data), jit_dw / jit (backward
 activations NHWC. Letting it choose blocked activation layouts (JAXCLF_ONEDNN_ACT_ANY_*) was
 slower in every pass and fell back to gemm for k5 backward-weights, so NHWC stays. Lite0 at 128 px,
 batch 32, forward + both gradients of all 16 depthwise convs: 312 ms against 1,198 ms as taps
-(efficientnet.depthwise_taps, the previous lever) in the same run, both under load ~2 (helpers
-running); per layer see bench/lite0_step.py's `convs` breakdown.
+(efficientnet.depthwise_taps, the previous lever) in the same run; per layer see bench/lite0_step.py's `convs` breakdown.
 
 Anchor-CNN train step, batch 256 (`bench/conv.py --part step`, img/s, same run each line):
   nn.Conv (lax) 106-138 | conv2d XLA fwd + oneDNN bwd 362-375 | conv2d all oneDNN 464-641 |
   PyTorch 2.13 508-789 (load ~1.5; under load ~5 the same four read 131-136 | 269-313 |
   239-316 | 179-189; a full `--part all --resnet --repeats 2` run at load 1.6-3.8: 94-96 |
-  259-294 | 313 | 165-169, saved as bench/results/conv.json).
+  259-294 | 313 | 165-169; `bench/conv.py` writes docs/results/conv.json).
 """
 from __future__ import annotations
 

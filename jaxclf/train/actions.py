@@ -62,6 +62,14 @@ def check_finite(m, step: int) -> None:
                          "optimizer.grad_clip_norm, or check the input data")
 
 
+def window_rates(w, batch_size: int) -> dict[str, float]:
+  """Steps/s, images/s and the share of time spent waiting for data, over the window's timed
+  steps (`TrainWindow` leaves the compiling first step out of both the steps and the clock)."""
+  dt = max(w.clock() - w.t0, 1e-9)
+  return {"steps_per_sec": w.steps / dt, "images_per_sec": w.steps * batch_size / dt,
+          "data_wait_share": w.wait / dt}
+
+
 @periodic_action("log")
 def log_train_metrics(run, step: int) -> None:
   w = run.window
@@ -69,12 +77,15 @@ def log_train_metrics(run, step: int) -> None:
     return
   check_finite(w.latest, step)
   c = {k: float(v) for k, v in w.metrics.compute().items()}
-  dt = max(time.time() - w.t0, 1e-9)
-  c.update({"steps_per_sec": w.steps / dt, "images_per_sec": w.steps * run.train_input.batch_size
-            / dt, "data_wait_share": w.wait / dt, "epoch": step / run.steps_per_epoch})
+  c["epoch"] = step / run.steps_per_epoch
+  rates = {}
+  if w.steps:  # the window's timed steps: all but a process's first, compiling one
+    rates = window_rates(w, run.train_input.batch_size)
+    c.update(rates)
   run.writer.write_scalars(step, {f"train/{k}": v for k, v in c.items()})
   run.progress.update(0, loss=f"{c['loss']:.3f}", acc=f"{c['accuracy']:.3f}",
-                      img_s=f"{c['images_per_sec']:.0f}", wait=f"{c['data_wait_share']:.1%}")
+                      **({"img_s": f"{rates['images_per_sec']:.0f}",
+                          "wait": f"{rates['data_wait_share']:.1%}"} if rates else {}))
   run.loop.last_train = {**(run.loop.last_train or {}), **c}
   w.reset()
 
@@ -99,20 +110,48 @@ def run_periodic_evals(run, step: int) -> None:
       run.evaluate(name, step)
 
 
+# Two accuracies closer than this are the same count of correct images (1/n is above 1e-7 for
+# any validation split under ten million images): only float rounding is absorbed.
+_TIE = 1e-9
+
+
+def is_better(val: dict, best: dict | None, metric: str, min_delta: float) -> tuple[bool, str]:
+  """Whether the validation result `val` ({'loss', 'accuracy'}) replaces `best` (the LoopState's
+  best: {'epoch', 'val', ...}, or None), and why, in words for the run output.
+
+  `metric` (val_accuracy: higher is better; val_loss: lower) must improve by more than
+  `min_delta`. A tie on it goes to the other one: at equal val accuracy the lower val loss wins.
+  Small validation splits tie often (20 images allow 21 accuracies), and the later epoch of a
+  tie is often the better fitted one: the fine-tuned epoch after a frozen probe, say."""
+  maximize = metric.endswith("accuracy")
+  key, other = ("accuracy", "loss") if maximize else ("loss", "accuracy")
+  if best is None:
+    return True, f"val {key} {val[key]:.4f}, the first validation"
+  was, epoch = best["val"], best["epoch"]
+  gain = val[key] - was[key] if maximize else was[key] - val[key]  # > 0: better on the metric
+  if abs(gain) <= _TIE:
+    other_gain = was[other] - val[other] if maximize else val[other] - was[other]
+    return other_gain > 0, (f"val {key} {val[key]:.4f} ties epoch {epoch}; val {other} "
+                            f"{val[other]:.4f} vs {was[other]:.4f}")
+  why = f"val {key} {val[key]:.4f} vs {was[key]:.4f} at epoch {epoch}"
+  if gain > min_delta:
+    return True, why
+  return False, why + (f", within min_delta {min_delta:g}" if gain > 0 else "")
+
+
 def select(run, step: int, val: dict) -> None:
   """A selection-evaluator result: history entry, best checkpoint, run.json, epoch callback."""
   ls, es, epoch = run.loop, run.config.early_stopping, run.epoch(step)
   ls.history.append({"epoch": epoch, "step": step, "val_loss": val["loss"],
                      "val_accuracy": val["accuracy"],
                      "train_loss": (ls.last_train or {}).get("loss"), "wall_time": time.time()})
+  better, why = is_better(val, ls.best, es.metric, float(es.min_delta))
+  kept = f"best: this epoch ({why})" if better else f"best stays epoch {ls.best['epoch']} ({why})"
   run.progress.write(f"epoch {epoch}/{run.config.train.num_epochs} step {step}: val loss "
                      f"{val['loss']:.4f} acc {val['accuracy']:.4f} "
-                     f"({time.time() - run.t_start:.0f}s)")
-  maximize = es.metric.endswith("accuracy")
-  value = val["accuracy"] if maximize else val["loss"]
-  best = ls.best["value"] if ls.best else None
-  d = float(es.min_delta)
-  if best is None or (value > best + d if maximize else value < best - d):
+                     f"({time.time() - run.t_start:.0f}s); {kept}")
+  if better:
+    value = val["accuracy"] if es.metric.endswith("accuracy") else val["loss"]
     ls.best = {"step": step, "epoch": epoch, "metric": es.metric, "value": value, "val": val}
     run.best_pending = True
   run.record.update(metrics={"val": ls.best["val"] if ls.best else None}, history=ls.history)
@@ -176,6 +215,11 @@ def save_checkpoint(run, step: int) -> None:
   ls.iter_epoch, ls.iter_state = run.batches.iterator_state()
   kinds = (["latest"] if run.due(run.config.periodic.checkpoint, step) else []) + (
       ["best"] if run.best_pending else [])
+  if "latest" in kinds and run.window.metrics is not None:
+    # A window of train metrics never spans a resumable state: a run resumed from this step
+    # starts a new window at the next one, so the uninterrupted run closes its window here too,
+    # and both log the same train loss (and history the same last_train) whatever the periods.
+    log_train_metrics(run, step)
   for kind in kinds:
     run.ckpt.save(run.state, ls, best=kind == "best")
   run.best_pending = False

@@ -11,16 +11,23 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+import jax
+
 from jaxclf.config.periodic import Every, itstime
 from jaxclf.train import evaluators as evaluators_lib
 from jaxclf.train.loop_state import LoopState
 
 
 class Progress:
-  """tqdm bar with ETA when available and enabled; plain log lines otherwise."""
+  """tqdm bar with ETA when available and enabled; plain log lines otherwise.
+
+  The first step a process runs compiles the train step (seconds to minutes, against a fraction
+  of a second for each later step), so the bar's clock starts after it: its rate and ETA are
+  those of the steps that follow."""
 
   def __init__(self, enabled: bool, total: int, initial: int, silent: bool = False):
     self.bar, self.silent = None, silent  # silent: not process 0, prints nothing
+    self.compiled = False
     if enabled and not silent:
       try:
         from tqdm import tqdm
@@ -31,9 +38,20 @@ class Progress:
 
   def update(self, n: int, **postfix):
     if self.bar is not None:
-      self.bar.update(n)
+      if n and not self.compiled:
+        self._restart_clock(self.bar.n + n)
+      else:
+        self.bar.update(n)
       if postfix:
         self.bar.set_postfix(postfix, refresh=False)
+    self.compiled = self.compiled or n > 0
+
+  def _restart_clock(self, done: int) -> None:
+    """The bar at `done` steps with its clock and rate history starting now, as a bar created
+    now with initial=done would be."""
+    self.bar.reset(total=self.bar.total)
+    self.bar.n = self.bar.last_print_n = self.bar.initial = done
+    self.bar.refresh()
 
   def write(self, msg: str):
     if self.bar is not None:
@@ -63,17 +81,27 @@ def unwritten(record):
 
 
 class TrainWindow:
-  """Train metrics and timing since the last log: merged clu metrics, steps, data-wait seconds."""
+  """Train metrics and timing since the last log: merged clu metrics, steps, data-wait seconds.
 
-  def __init__(self):
+  `steps`, `wait` and the clock (`t0`) leave out the first step a process runs, which compiles:
+  the images/s and data-wait share logged are the steady rate's. Its metrics are kept."""
+
+  def __init__(self, clock: Callable[[], float] = time.time):
+    self.clock, self.compiled = clock, False
     self.reset()
 
   def reset(self):
-    self.metrics, self.latest, self.steps, self.wait, self.t0 = None, None, 0, 0.0, time.time()
+    self.metrics, self.latest, self.steps, self.wait, self.t0 = None, None, 0, 0.0, self.clock()
 
   def add(self, m, wait_s: float):
     self.metrics = m if self.metrics is None else self.metrics.merge(m)
-    self.latest, self.steps, self.wait = m, self.steps + 1, self.wait + wait_s
+    self.latest = m
+    if not self.compiled:
+      # Wait for the compiling step to finish, so that the clock starts on an idle device.
+      jax.block_until_ready(m)
+      self.compiled, self.t0 = True, self.clock()
+      return
+    self.steps, self.wait = self.steps + 1, self.wait + wait_s
 
 
 @dataclasses.dataclass

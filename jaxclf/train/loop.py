@@ -24,11 +24,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxclf.config import validate
 from jaxclf.data import device_augment, pipeline, transforms
-from jaxclf.data.dataset import DataError, class_weights, load_dataset, write_report
+from jaxclf.data.dataset import (DataError, class_weights, load_dataset,
+                                  split_size_warnings, write_report)
 from jaxclf.models.layers import resolve_conv_impl
 from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
 from jaxclf.train import distributed, finetune, inputs, precision, steps
+from jaxclf.train import ema as ema_lib
 from jaxclf.train.actions import NonFiniteError, check_finite, run_actions
 from jaxclf.train.checkpoints import Checkpointer
 from jaxclf.train.context import Progress, SilentWriter, TrainRun, unwritten
@@ -74,8 +76,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if hasattr(model, "conv_impl"):  # built-ins; a custom model keeps its own convolutions
     model = model.clone(conv_impl=resolve_conv_impl(config.model.conv_impl))
   init_rng, dropout_key, augment_key = jax.random.split(jax.random.key(int(config.seed)), 3)
+  ema = ema_lib.EmaSettings.from_config(config)
   state = create_train_state(init_rng, model, spec.input_shape, create_optimizer(config),
-                             loss_scale=precision.create_loss_scale(config.model.dtype))
+                             loss_scale=precision.create_loss_scale(config.model.dtype),
+                             ema=ema.enabled)
   repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   if jax.process_count() > 1:  # restored straight into global arrays, saved by every process
     state = distributed.replicate(state, repl)
@@ -94,7 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                            config.train.class_weights)),
                    dropout_key=dropout_key, grad_accum_steps=int(config.train.grad_accum_steps),
                    freeze_backbone_steps=finetune.frozen_steps(config, steps_per_epoch),
-                   freeze_batchnorm=bool(config.train.freeze_batchnorm))
+                   freeze_batchnorm=bool(config.train.freeze_batchnorm),
+                   ema=ema if ema.enabled else None)
   jit_step = partial(jax.jit, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
                      donate_argnums=(0,))
   train_step = jit_step(partial(steps.train_step, **step_args,
@@ -116,7 +121,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _train(run, _create_phases(run, model, train_step, jit_step, step_args))
     metrics, calibration = _final_evaluation(run, repl)
   except BaseException as e:
-    run.record.finish("failed", error=f"{type(e).__name__}: {e}")
+    try:
+      run.record.finish("failed", error=f"{type(e).__name__}: {e}")
+    except OSError as unwritten_error:  # a full disk: run.json keeps its last complete version
+      log.warning("run.json not updated (%s)", unwritten_error)
     raise
   finally:
     run.progress.close()
@@ -132,6 +140,8 @@ def _load_and_check_data(config, workdir, write: bool = True):
   for name in ("train", "val"):
     if len(dataset.split(name).labels) == 0:
       raise DataError(f"data.source {config.data.source!r}: the {name} split is empty")
+  for warning in split_size_warnings(dataset):
+    log.warning("data.source %r: %s", str(config.data.source), warning)
   spec = create_preprocess_spec(config, dataset.class_names)
   if dataset.image_shape and dataset.image_shape[2] not in (1, 3):
     raise DataError(f"images have {dataset.image_shape[2]} channels; expected 1 or 3")
@@ -180,6 +190,8 @@ def _restore_or_initialise(config, ckpt, state, model, dataset, steps_per_epoch,
         config, model, {"params": state.params, "batch_stats": state.batch_stats},
         dataset.class_names)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if state.ema is not None:  # train.ema averages from the pretrained weights on
+      state = ema_lib.start(state)
   return state, LoopState(), None, record
 
 
@@ -213,6 +225,8 @@ def _start_record(run, model, resumed_step, n_dev: int, pretrained=None) -> None
     pretrained = (run.record.data.get("model") or {}).get("pretrained")  # the first's record
   if pretrained is not None:  # model.pretrained's provenance
     info["pretrained"] = pretrained
+  # Which weights every evaluation here (and evaluate, export) runs: "ema" (train.ema) | "trained"
+  run.record.data["weights"] = ema_lib.weights_kind(run.state)
   run.record.start(config, dataset.summary(), info, resumed_step)
   if resumed_step is None:
     run.writer.write_hparams({k: v for k, v in run.record.data["config"].items()
@@ -299,8 +313,9 @@ def _final_evaluation(run: TrainRun, repl):
       elif out is not None:
         metrics[name] = out
   if "test" in metrics:
-    log.info("test accuracy %.4f (single view, best checkpoint, step %s)",
-             metrics["test"]["accuracy"], run.loop.best["step"] if run.loop.best else step)
+    chosen = run.loop.best or {"epoch": run.epoch(step), "step": step}
+    log.info("test accuracy %.4f (single view, best checkpoint: epoch %s, step %s)",
+             metrics["test"]["accuracy"], chosen["epoch"], chosen["step"])
   return metrics, calibration
 
 

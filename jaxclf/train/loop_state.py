@@ -2,7 +2,7 @@
 
 Typed and versioned, so that renaming a field is a new version with a reader for the old one
 instead of a silently broken resume. Version 0 is the untyped `meta` dict that checkpoints held
-before issue 17 (tests/fixtures/checkpoint_before_loop_state is one); it still resumes.
+before the loop state was typed (tests/fixtures/checkpoint_before_loop_state is one); it still resumes.
 """
 from __future__ import annotations
 

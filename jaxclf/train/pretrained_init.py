@@ -22,7 +22,7 @@ from flax import traverse_util
 
 from jaxclf.hashing import sha256_file
 from jaxclf.models import param_groups
-from jaxclf.models.pretrained import PretrainedError, fill_variables
+from jaxclf.models.state_dict import PretrainedError, fill_variables
 
 log = logging.getLogger("jaxclf.train")
 

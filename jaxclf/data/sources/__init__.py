@@ -1,1 +1,1 @@
-"""Where images come from. Each loader returns a `jaxclf.data.dataset.Dataset`."""
+"""Where images come from. Each loader returns a `jaxclf.data.types.Dataset`."""

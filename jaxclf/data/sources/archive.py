@@ -15,7 +15,7 @@ import stat
 import tarfile
 import zipfile
 
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 MAX_TOTAL_BYTES = 64 * 1024 ** 3

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxclf.data import decode
-from jaxclf.data.dataset import DataError, Dataset, Split
+from jaxclf.data.types import DataError, Dataset, Split
 from jaxclf.data.sources import plan as plan_lib
 from jaxclf.data.sources import scan
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxclf.data.dataset import DataError, Dataset, Split
+from jaxclf.data.types import DataError, Dataset, Split
 from jaxclf.data.sources import remote, scan
 from jaxclf.hashing import sha256_file
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxclf.data import decode
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 from jaxclf.data.sources import scan
 from jaxclf.data.splits import stratified_split
 

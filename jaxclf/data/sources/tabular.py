@@ -11,7 +11,7 @@ import csv
 import io
 import json
 
-from jaxclf.data.dataset import DataError
+from jaxclf.data.types import DataError
 from jaxclf.data.sources import remote
 
 URI_KEYS = ("uri", "path", "url", "file", "filename", "image", "image_path")
