@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer walkthrough of docs/getting_started.md, step by step, in a fresh clone, each step
-# timed: the figures in that page's wall-time column come from this script.
+# timed; docs/results/getting_started.json (the figures docs/results.md quotes) comes from it:
+#   GETTING_STARTED_JSON=docs/results/getting_started.json bash scripts/getting_started.sh
 #   bash scripts/getting_started.sh [REPO (default: this checkout)] [DIR (default: a new temp dir)]
 # Writes DIR/steps.tsv (step, wall seconds, exit status, command) and prints it. Serves on
 # 127.0.0.1:8000 (JAXCLF_PORT to change) for one prediction, then stops the server.
@@ -43,3 +44,23 @@ print(fashion_mnist.CLASS_NAMES[y[0]])"
 step 8 "curl -sS -F file=@image.png localhost:$PORT/v1/predict"
 echo
 cat "$LOG"
+# The same table as JSON for docs/results/ (GETTING_STARTED_JSON=path), with the commit, date and
+# CPU it ran on, and the clone and work folders written as <repo> and <dir>.
+if [ -n "${GETTING_STARTED_JSON:-}" ]; then
+  python3 - "$LOG" "$GETTING_STARTED_JSON" "$REPO" "$DIR" <<'PY'
+import json, os, sys
+log, out, repo, work = sys.argv[1:5]
+sys.path.insert(0, os.path.join(repo, "bench"))
+from _common import provenance  # noqa: E402
+steps = []
+for line in open(log):
+  n, wall, rc, cmd = line.rstrip("\n").split("\t", 3)
+  steps.append({"step": n, "wall_s": float(wall), "exit": int(rc),
+                "command": cmd.replace(repo, "<repo>").replace(work, "<dir>")})
+result = {"steps": steps, "total_s": round(sum(s["wall_s"] for s in steps), 1),
+          "provenance": {**provenance(), "command": "bash scripts/getting_started.sh"}}
+with open(out, "w") as f:
+  json.dump(result, f, indent=2)
+print(f"wrote {out}")
+PY
+fi

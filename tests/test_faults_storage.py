@@ -88,7 +88,6 @@ def _wait_for_checkpoint_then_stop(proc, latest: str) -> int:
   raise AssertionError("the run ended (or stalled) before its first checkpoint")
 
 
-@pytest.mark.slow
 def test_disk_full_in_training_stops_then_resumes_bit_identically(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   ref_dir = str(tmp_path / "ref")
