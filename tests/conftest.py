@@ -1,6 +1,5 @@
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Parallel workers (pytest-xdist, `-n 2`: scripts/test.sh). Each worker takes server ports from its
+# own range, below the kernel's ephemeral range (32768+ on Linux) so that outgoing connections do not
+# take them either: two workers never choose the same port, whereas two processes asking the kernel
+# for "any free port" can be handed the same one before either server binds it.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...; unset in a serial run
+WORKER_INDEX = int(WORKER[2:]) if WORKER[2:].isdigit() else 0
+PORTS_PER_WORKER = 1000
+_PORT_BASE = int(os.environ.get("JAXCLF_TEST_PORT_BASE", "20000"))
+os.environ["JAXCLF_PORT_RANGE"] = (f"{_PORT_BASE + WORKER_INDEX * PORTS_PER_WORKER}-"
+                                   f"{_PORT_BASE + (WORKER_INDEX + 1) * PORTS_PER_WORKER - 1}")
+
+
+def _pin_worker_cpus() -> None:
+  """JAXCLF_TEST_CPUS_PER_WORKER=N: this worker (and every process it starts) runs on its own N
+  CPUs, so XLA sizes its thread pool to N instead of every worker using all cores. Unset: no pinning.
+  Set before JAX starts its threads, which take the mask of the thread that creates them. Workers
+  only: the xdist controller (and a serial run) keeps every CPU, and the workers inherit its mask."""
+  n = int(os.environ.get("JAXCLF_TEST_CPUS_PER_WORKER") or 0)
+  if n <= 0 or not WORKER or not hasattr(os, "sched_setaffinity"):
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  first = (WORKER_INDEX * n) % len(cpus)
+  os.sched_setaffinity(0, [cpus[(first + i) % len(cpus)] for i in range(min(n, len(cpus)))])
+
+
+_pin_worker_cpus()
 
 # One persistent XLA compilation cache for the suite, its subprocesses (the `jaxclf` CLI reads
 # JAXCLF_COMPILATION_CACHE) and notebook kernels (plain JAX reads JAX_COMPILATION_CACHE_*): the same
@@ -32,9 +58,10 @@ def repo_root():
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A loopback port for a server a test starts: from this worker's JAXCLF_PORT_RANGE, through the
+  same allocator as jaxclf's Triton servers, so one process never hands out a port twice."""
+  from jaxclf.export.triton_server import free_port as allocate  # noqa: PLC0415
+  return allocate()
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float, failure: str) -> None:

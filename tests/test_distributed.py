@@ -56,9 +56,8 @@ print(json.dumps({{"w": np.asarray(jax.device_get(w)).tolist(),
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  from conftest import free_port as worker_port  # noqa: PLC0415  (per-worker port range)
+  return worker_port()
 
 
 @pytest.fixture(scope="module")

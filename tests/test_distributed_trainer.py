@@ -80,9 +80,8 @@ def assert_same_curve(curve: dict[int, float], ref: dict[int, float]) -> None:
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  from conftest import free_port as worker_port  # noqa: PLC0415  (per-worker port range)
+  return worker_port()
 
 
 def train_cmd(workdir, sets=()) -> list[str]:

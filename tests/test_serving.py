@@ -66,9 +66,8 @@ def session_export(tmp_path_factory, seed: int = 0) -> Path:
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  from conftest import free_port as worker_port  # noqa: PLC0415  (per-worker port range)
+  return worker_port()
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -8,7 +8,6 @@ import http.server
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,9 +25,8 @@ from jaxclf.data.sources import ingested, remote
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  from conftest import free_port as worker_port  # noqa: PLC0415  (per-worker port range)
+  return worker_port()
 
 
 def cfg_for(source, **kw):

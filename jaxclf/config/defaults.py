@@ -49,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.random_resized_crop = False  # Inception-style crop of crop_scale of the area, resized
   c.augment.crop_scale = (0.35, 1.0)  # random_resized_crop: the range of the kept area fraction
   c.augment.hflip = True  # random left-right flips
+  # hflip's draw: 'random' = a fair coin per example and epoch | 'alternate' = airbench's
+  # derandomised flip: a seeded coin in the first epoch, then the opposite of the previous epoch
+  c.augment.hflip_mode = "random"
   c.augment.vflip = False  # random up-down flips
   c.augment.rotation = 0.0  # max degrees of random rotation either way; 0 = off
   c.augment.brightness = 0.0  # pixels times a factor in 1 +- x; 0 = off
@@ -83,6 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"  # a name from the model registry (jaxclf/models/registry.py)
+  # The CNN's training levers (cnn, cnn_tiny: jaxclf/models/cnn.py), each off by default:
+  #   bn_scale: 'learned' | 'frozen' (every BatchNorm scale stays 1; only the shifts train)
+  #   conv_init: 'default' | 'dirac' (3x3 convs after the stem start as identity on their first
+  #     min(c_in, c_out) output channels; the rest use weight_init)
+  #   head_scale: logits multiplied by this constant (1.0 = none; airbench uses 1/9)
+  #   stem: 'conv' | 'whiten' (a frozen k x k patch-whitening conv, fitted on the first 5,000
+  #     training images at a fresh start, + ReLU before the conv layers)
+  #   whiten_kernel: the whitening patch side k (2 or 3; 2*k*k*channels filters)
+  #   whiten_eps: added to each patch-covariance eigenvalue before the 1/sqrt scaling (5e-4)
   c.model.kwargs = ml_collections.ConfigDict()  # passed to the model constructor
   # '' | 'imagenet' (models that ship weights) | a `jaxclf weights convert` .npz | a run dir
   c.model.pretrained = ""
@@ -106,6 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8  # adam/adamw: added to the denominator for stability
   c.optimizer.weight_decay = 5e-4  # decoupled for adamw, L2 on kernels otherwise; never on BN/bias
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  # Learning rate of every 1-d parameter (biases, BatchNorm scales and shifts) times this
+  c.optimizer.bias_lr_mult = 1.0
   # Fine-tuning: learning-rate multipliers per param group (jaxclf/models/param_groups.py: head =
   # the classifier, backbone = the rest), e.g. "backbone=0.1"; "" = one group.
   c.optimizer.lr_mults = ""

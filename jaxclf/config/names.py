@@ -13,7 +13,11 @@ from __future__ import annotations
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 SCHEDULE_NAMES = ("constant", "exponential", "one_cycle", "plateau", "step", "warmup_cosine")
 
-_CNN = ("conv_impl", "dropout", "dtype", "global_pool", "hidden", "layers", "weight_init")
+_CNN = ("bn_scale", "conv_impl", "conv_init", "dropout", "dtype", "global_pool", "head_scale",
+        "hidden", "layers", "stem", "weight_init", "whiten_eps", "whiten_kernel")
+# The CNN's string-valued training levers (jaxclf/models/cnn.py) -> their allowed values.
+CNN_CHOICES = {"bn_scale": ("learned", "frozen"), "conv_init": ("default", "dirac"),
+               "stem": ("conv", "whiten")}
 _VGG = ("conv_impl", "dropout", "dtype", "features_only", "layers", "width")
 _RESNET = ("act", "block_cls", "conv_impl", "dropout", "dtype", "num_filters", "stage_sizes", "stem")
 _EFFICIENTNET = ("bn_momentum", "conv_impl", "depth_coefficient", "drop_connect_rate", "dropout", "dtype",

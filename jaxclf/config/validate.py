@@ -10,8 +10,8 @@ from typing import Any
 import ml_collections
 
 from jaxclf.config.defaults import default_config
-from jaxclf.config.names import (EVALUATOR_ARGS, MODEL_ARGS, OPTIMIZER_NAMES, SCHEDULE_NAMES,
-                                 LAYER_DECAY_FAMILIES, parse_lr_mults)
+from jaxclf.config.names import (CNN_CHOICES, EVALUATOR_ARGS, MODEL_ARGS, OPTIMIZER_NAMES,
+                                 SCHEDULE_NAMES, LAYER_DECAY_FAMILIES, parse_lr_mults)
 from jaxclf.config.periodic import Every, RuleError
 
 
@@ -99,7 +99,7 @@ RANGES = {
     "optimizer.learning_rate": (0.0, 100.0), "optimizer.momentum": (0.0, 1.0),
     "optimizer.b1": (0.0, 1.0), "optimizer.b2": (0.0, 1.0), "optimizer.weight_decay": (0.0, 1.0),
     "optimizer.grad_clip_norm": (0.0, None), "optimizer.eps": (0.0, 1.0),
-    "optimizer.layer_decay": (0.0, 1.0),
+    "optimizer.layer_decay": (0.0, 1.0), "optimizer.bias_lr_mult": (0.0, 1000.0),
     "schedule.warmup_fraction": (0.0, 1.0), "schedule.final_fraction": (0.0, 1.0),
     "schedule.decay_rate": (0.0, 1.0), "schedule.plateau_patience": (1, 1000),
     "schedule.plateau_factor": (0.0, 1.0),
@@ -119,7 +119,7 @@ CHOICES = {
     "model.conv_impl": ("auto", "xla", "matmul", "onednn"),
     "data.on_device": ("auto", "true", "false"), "schedule.anneal": ("linear", "cos"),
     "augment.auto": ("", "randaugment", "trivialaugment"), "augment.mix_mode": ("batch", "elem"),
-    "augment.erasing_mode": ("pixel", "const"),
+    "augment.erasing_mode": ("pixel", "const"), "augment.hflip_mode": ("random", "alternate"),
 }
 
 
@@ -188,6 +188,30 @@ def check_model(name: str, kwargs: dict) -> None:
                         f"It takes: {', '.join(sorted(fields))}")
 
 
+CNN_RANGES = {"head_scale": (0.0, 1000.0), "whiten_kernel": (1, 7), "whiten_eps": (0.0, 1.0)}
+
+
+def _check_cnn_kwargs(kwargs: dict) -> None:
+  """The CNN's training levers: choices (names.CNN_CHOICES) and ranges, before any compute."""
+  for key, choices in CNN_CHOICES.items():
+    if key in kwargs:
+      _choose(kwargs[key], choices, f"model.kwargs.{key}")
+  for key, (lo, hi) in CNN_RANGES.items():
+    if key not in kwargs:
+      continue
+    value, integer = kwargs[key], key == "whiten_kernel"
+    if isinstance(value, str) and not integer:  # YAML reads "5e-4" (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        pass
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) \
+        and (lo <= value <= hi if integer else lo < value <= hi)
+    if not ok:
+      what = f"an integer in [{lo}, {hi}]" if integer else f"a number in ({lo}, {hi}]"
+      raise ConfigError(f"model.kwargs.{key}: {value!r} is not {what}")
+
+
 def _check_rule(rule, dotted: str, allow_end: bool = False) -> None:
   if allow_end and rule == "end":
     return
@@ -232,6 +256,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choose(config.optimizer.name, sorted(OPTIMIZER_NAMES), "optimizer.name")
   _choose(config.schedule.name, sorted(SCHEDULE_NAMES), "schedule.name")
   check_model(config.model.name, dict(config.model.kwargs))
+  if config.model.name in ("cnn", "cnn_tiny"):
+    _check_cnn_kwargs(dict(config.model.kwargs))
   try:
     parse_lr_mults(config.optimizer.lr_mults)
   except ValueError as e:
@@ -301,6 +327,9 @@ def _check_augment(config: ml_collections.ConfigDict) -> None:
       bound = "< 1" if top else ""
       raise ConfigError(f"augment.{key}: need two numbers 0 < low <= high {bound}, got "
                         f"{list(values)}".replace("  ", " "))
+  if aug.hflip_mode == "alternate" and not aug.hflip:
+    raise ConfigError("augment.hflip_mode: 'alternate' decides how augment.hflip flips; it needs "
+                      "augment.hflip=true (or use 'random')")
   mixing = [k for k in ("mixup", "cutmix") if aug[k] > 0]
   if mixing and config.train.batch_size < 2:
     raise ConfigError(f"augment.{mixing[0]}: Mixup/CutMix mix each example with another of its "

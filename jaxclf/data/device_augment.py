@@ -7,7 +7,8 @@ NHWC and `prepare_batch` normalises and augments it on the device with keys
 `fold_in(key, step)`, so a resumed run draws exactly the same augmentations.
 
 The same `transforms.AugmentSpec` drives both paths. Supported here: translate (edge-padded
-random crop, as the host path), hflip, vflip, and small rotations (bilinear, edge fill; the host
+random crop, as the host path), hflip (a coin per row, or with augment.hflip_mode=alternate the
+batch's 'hflip' flags, decided on the host), vflip, and small rotations (bilinear, edge fill; the host
 path fills with the border's median grey, so rotated pixels at the corners differ slightly).
 Other switches (random_resized_crop, colour jitter) need the per-example host path:
 `supports(aug)` says which applies. Normalisation is `transforms.normalize`'s arithmetic, so a
@@ -49,8 +50,10 @@ def _translate(images, key, pad: int):
   return jax.vmap(crop)(padded, offsets)
 
 
-def _flip(images, key, axis: int):
-  flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+def _flip(images, key, axis: int, flip=None):
+  """Mirrors the rows where `flip` (bool [N]; a fair coin per row when None)."""
+  if flip is None:
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
   return jnp.where(flip[:, None, None, None], jnp.flip(images, axis=axis), images)
 
 
@@ -74,8 +77,9 @@ def _rotate(images, key, max_degrees: float):
   return jax.vmap(one)(images.astype(jnp.float32), theta)
 
 
-def augment(images, key, aug: AugmentSpec):
-  """Pixel-valued NHWC batch -> augmented batch, deterministic given `key`."""
+def augment(images, key, aug: AugmentSpec, hflip=None):
+  """Pixel-valued NHWC batch -> augmented batch, deterministic given `key` (and `hflip`, the
+  rows' flips when aug.alternating_hflip: the batch's 'hflip' field, see `make_prepare_fn`)."""
   k_translate, k_rotate, k_hflip, k_vflip = jax.random.split(key, 4)
   x = images
   if aug.translate:
@@ -83,7 +87,7 @@ def augment(images, key, aug: AugmentSpec):
   if aug.rotation:
     x = _rotate(x, k_rotate, float(aug.rotation))
   if aug.hflip:
-    x = _flip(x, k_hflip, axis=2)
+    x = _flip(x, k_hflip, axis=2, flip=hflip if aug.alternating_hflip else None)
   if aug.vflip:
     x = _flip(x, k_vflip, axis=1)
   return x
@@ -119,6 +123,13 @@ def random_erase(x, key, aug: AugmentSpec):
   return jnp.where(mask[..., None], fill, x)
 
 
+def _hflip_rows(batch):
+  if "hflip" not in batch:
+    raise ValueError("augment.hflip_mode=alternate: the batch has no 'hflip' field (the rows' "
+                     "flips, which inputs.TrainInput adds on the device path)")
+  return batch["hflip"]
+
+
 _ERASE, _MIX = 0x45524153, 0x4D495821  # fold_in tags: these draws leave the others unchanged
 
 
@@ -133,7 +144,9 @@ def make_mix_fn(aug: AugmentSpec | None, key):
 def make_prepare_fn(spec: PreprocessSpec, aug: AugmentSpec | None, key, seed: int = 0):
   """The `prepare(batch, step)` hook of `steps.train_step`: augment (keyed by fold_in(key, step);
   auto-augment by (seed, step, row)), normalise, erase and mix a uint8 batch. `aug=None`
-  normalises only (evaluation)."""
+  normalises only (evaluation). With augment.hflip_mode=alternate the batch carries 'hflip'
+  (bool per row, `transforms.alternate_hflips` of its examples and epoch, inputs.TrainInput):
+  the flips are decided on the host, where the example's index and the epoch are known."""
   if aug is not None and not supports(aug):
     raise ValueError(f"augmentations {[n for n in _HOST_ONLY if getattr(aug, n)]} run on the "
                      "host only; set data.on_device=false")
@@ -143,7 +156,11 @@ def make_prepare_fn(spec: PreprocessSpec, aug: AugmentSpec | None, key, seed: in
     if aug is None:
       return {**batch, "image": normalize(images, spec)}
     step_key = jax.random.fold_in(key, step)
-    images = augment(images, step_key, aug)
+    if aug.alternating_hflip:  # the flags are consumed here: the step sees image and label
+      images = augment(images, step_key, aug, _hflip_rows(batch))
+      batch = {k: v for k, v in batch.items() if k != "hflip"}
+    else:
+      images = augment(images, step_key, aug)
     if aug.auto:
       images = auto_augment(images, aug, spec, seed, step)
     x = normalize(images, spec)

@@ -55,7 +55,7 @@ class TrainTransform:
 
   def __call__(self, record, rng: np.random.Generator):
     img, ok = _pixels(record, self.spec.channels, self.max_pixels, self.failures, self.spec)
-    img = transforms.augment(img, rng, self.spec, self.aug)
+    img = transforms.augment(img, rng, self.spec, self.aug, record.get(HFLIP_KEY))
     if self.aug.auto:  # the ops of this example's (seed, step, row), as on the device
       img = autoaugment.augment_example(img, self.aug, self.spec, *record[EXAMPLE_KEY])
     x = transforms.normalize(img, self.spec)
@@ -84,6 +84,22 @@ class _Position:
     step = self.first_step + local_batch // self.process_count
     global_row = (local_batch % self.process_count) * self.batch_size + row
     return {**record, EXAMPLE_KEY: (self.seed, step, global_row)}
+
+
+HFLIP_KEY = "_hflip"  # augment.hflip_mode=alternate: the example's flip in this epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class _AlternateFlip:
+  """Tags each record, before the shuffle, with `transforms.alternate_hflips` of its index in
+  the training split (`ids[position]` under the balanced sampler's draw) and the epoch."""
+  seed: int
+  epoch: int
+  ids: np.ndarray | None = None
+
+  def __call__(self, position: int, record):
+    index = position if self.ids is None else self.ids[position]
+    return {**record, HFLIP_KEY: bool(transforms.alternate_hflips(self.seed, index, self.epoch))}
 
 
 @dataclasses.dataclass
@@ -129,10 +145,14 @@ def train_dataset(split: Split, *, epoch: int, seed: int, batch_size: int,
   `batch_size` is per process; with `process_count` processes, inputs.TrainInput deals the
   batches round-robin (only auto-augment's per-example key depends on it)."""
   s = epoch_seed(seed, epoch)
-  source = split.source
+  source, ids = split.source, None
   if sampler == "balanced":
-    source = _Indexed(source, balanced_indices(split.labels, s))
-  ds = grain.MapDataset.source(source).seed(s).shuffle()
+    ids = balanced_indices(split.labels, s)
+    source = _Indexed(source, ids)
+  ds = grain.MapDataset.source(source)
+  if transform.aug.alternating_hflip:
+    ds = ds.map_with_index(_AlternateFlip(seed, epoch, ids))
+  ds = ds.seed(s).shuffle()
   if shard_count > 1:  # one slice per JAX process (multi-host data parallelism)
     ds = ds[shard_index::shard_count]
   if transform.aug.auto:
@@ -190,11 +210,17 @@ def epoch_order(labels: np.ndarray, *, epoch: int, seed: int, sampler: str = "sh
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int,
-                  start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Full training batches of `order` from batch number `start` on (drop_remainder)."""
+                  start: int = 0, hflip: np.ndarray | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Full training batches of `order` from batch number `start` on (drop_remainder); `hflip`
+  (one flag per position of `order`, augment.hflip_mode=alternate) rides along as 'hflip'."""
   for b in range(start, len(order) // batch_size):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    yield {"image": images[idx], "label": labels[idx].astype(np.int32)}
+    rows = slice(b * batch_size, (b + 1) * batch_size)
+    idx = order[rows]
+    batch = {"image": images[idx], "label": labels[idx].astype(np.int32)}
+    if hflip is not None:
+      batch["hflip"] = hflip[rows]
+    yield batch
 
 
 def array_eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int

@@ -96,6 +96,9 @@ class PreprocessSpec:
     return cls.from_dict(json.loads(text))
 
 
+HFLIP_MODES = ("random", "alternate")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentSpec:
   """Training-only augmentation; every switch off means `augment` == resize + crop."""
@@ -104,6 +107,9 @@ class AugmentSpec:
   crop_scale: tuple[float, float] = (0.35, 1.0)
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
   hflip: bool = False
+  # 'random': a fair coin per example and epoch | 'alternate': airbench's derandomised flip,
+  # a seeded coin in epoch 0 and the opposite of the previous epoch after (`alternate_hflips`).
+  hflip_mode: str = "random"
   vflip: bool = False
   rotation: float = 0.0  # max degrees either way
   brightness: float = 0.0  # multiplicative factor range 1 +- x
@@ -132,9 +138,19 @@ class AugmentSpec:
   mix_switch_prob: float = 0.5  # with both on: probability of CutMix instead of Mixup
   mix_mode: str = "batch"  # 'batch': one lambda per batch | 'elem': one per example
 
+  def __post_init__(self):
+    if self.hflip_mode not in HFLIP_MODES:
+      raise ValueError(f"augment.hflip_mode must be one of {list(HFLIP_MODES)}, got "
+                       f"{self.hflip_mode!r}")
+
   @property
   def mixing(self) -> bool:
     return self.mixup > 0 or self.cutmix > 0
+
+  @property
+  def alternating_hflip(self) -> bool:
+    """Flips come from `alternate_hflips` (the input path supplies them), not from a coin."""
+    return self.hflip and self.hflip_mode == "alternate"
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "AugmentSpec":
@@ -251,13 +267,41 @@ def _jitter(img, rng, aug):
   return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_FLIP_TAG = np.uint64(0x68666C6970)  # keeps the flip coin apart from other uses of the seed
+
+
+def _mix64(x):
+  """splitmix64's finaliser: a bijective, well-mixed hash of uint64s (wraps by design)."""
+  x = (x ^ (x >> np.uint64(30))) * _MIX1
+  x = (x ^ (x >> np.uint64(27))) * _MIX2
+  return x ^ (x >> np.uint64(31))
+
+
+def alternate_hflips(seed: int, index, epoch: int) -> np.ndarray:
+  """augment.hflip_mode=alternate: whether each example (`index`: its index in the training
+  split) is flipped in `epoch`. Epoch 0 flips by a coin hashed from (seed, index); each later
+  epoch flips exactly the examples the one before did not, so any two consecutive epochs show
+  every example once each way. A pure function of its arguments, computed on the host for both
+  input paths: they agree, and a resumed run gets the same flips."""
+  with np.errstate(over="ignore"):
+    key = _mix64(np.asarray([seed % 2**64], np.uint64) ^ _FLIP_TAG)
+    coin = _mix64(key ^ np.asarray(index, np.uint64)) >> np.uint64(63)
+  return (coin ^ np.uint64(int(epoch) % 2)).astype(bool).reshape(np.shape(index))
+
+
 def augment(img: np.ndarray, rng: np.random.Generator, spec: PreprocessSpec,
-            aug: AugmentSpec) -> np.ndarray:
+            aug: AugmentSpec, hflip: bool | None = None) -> np.ndarray:
   """The training transform on uint8 HWC; returns uint8 at spec.image_size.
 
   Deterministic given `rng` (Grain seeds it from the pipeline seed and the record index), which
-  is what makes resumed training bit-identical.
+  is what makes resumed training bit-identical. `hflip`: this example's flip when
+  `aug.alternating_hflip` (`alternate_hflips`; the coin is still drawn so that the later draws
+  are those of random mode).
   """
+  if aug.alternating_hflip and hflip is None:
+    raise ValueError("augment.hflip_mode=alternate: the example's flip was not given "
+                     "(pipeline.train_dataset tags each record with it)")
   img = match_channels(img, spec.channels)
   if aug.random_resized_crop:
     img = _random_resized_crop(img, rng, spec, aug)
@@ -270,8 +314,10 @@ def augment(img: np.ndarray, rng: np.random.Generator, spec: PreprocessSpec,
     fill = (int(np.median(img[0])),) * spec.channels  # border colour, not black
     img = _np(_pil(img).rotate(angle, _RESAMPLE["bilinear"], fillcolor=fill if spec.channels > 1
                                 else fill[0]), spec.channels)
-  if aug.hflip and rng.random() < 0.5:
-    img = img[:, ::-1]
+  if aug.hflip:
+    coin = rng.random() < 0.5
+    if (hflip if aug.alternating_hflip else coin):
+      img = img[:, ::-1]
   if aug.vflip and rng.random() < 0.5:
     img = img[::-1]
   if aug.brightness or aug.contrast or aug.saturation:

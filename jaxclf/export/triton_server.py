@@ -1,8 +1,9 @@
 """The Triton server that serves a model repository here, and the repository API of a running one.
 
 `TritonServer` runs `tritonserver` from the serving venv (jaxclf.export.serving_env) on free local
-ports, in explicit model-control mode loading the servable models (`servable_models`: those whose
-backend this build has). `reload_models`, `wait_unloaded` and `repository_index` talk to a running
+ports (from JAXCLF_PORT_RANGE=LO-HI when set) with its own python-backend shared-memory prefix, in
+explicit model-control mode loading the servable models (`servable_models`: those whose backend this
+build has). `reload_models`, `wait_unloaded` and `repository_index` talk to a running
 server's HTTP repository API (jaxclf.export.triton_repository.live_update switches versions with
 them).
 
@@ -10,12 +11,15 @@ This module imports neither jax nor onnx: it runs in both the training and the s
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -44,10 +48,66 @@ def servable_models(repo_dir: str, backend_dir: str) -> list[str]:
   return sorted(ok)
 
 
-def free_port() -> int:
+PORT_RANGE_ENV = "JAXCLF_PORT_RANGE"
+_range_cursor: dict[tuple[int, int], int] = {}
+_range_lock = threading.Lock()
+
+
+def port_range(environ=os.environ) -> tuple[int, int] | None:
+  """JAXCLF_PORT_RANGE=LO-HI -> (LO, HI); unset or empty -> None (the kernel picks any free port)."""
+  spec = environ.get(PORT_RANGE_ENV, "").strip()
+  if not spec:
+    return None
+  lo_s, sep, hi_s = spec.partition("-")
+  if not (sep and lo_s.strip().isdigit() and hi_s.strip().isdigit()
+          and 1024 <= int(lo_s) <= int(hi_s) <= 65535):
+    raise TritonServerError(f"{PORT_RANGE_ENV}={spec!r}: expected LO-HI with 1024 <= LO <= HI "
+                            "<= 65535, e.g. 20000-20999")
+  return int(lo_s), int(hi_s)
+
+
+def _bindable(port: int) -> bool:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    try:
+      s.bind(("127.0.0.1", port))
+    except OSError:
+      return False
+  return True
+
+
+def free_port() -> int:
+  """A local port no one listens on. Choosing a port and the server binding it are two steps, so two
+  processes that both ask the kernel for any free port can be handed the same one in between. With
+  JAXCLF_PORT_RANGE set, ports come from that range instead, each handed out once per process before
+  the range wraps: processes given disjoint ranges (parallel test workers) never choose alike."""
+  rng = port_range()
+  if rng is None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
+  lo, hi = rng
+  size = hi - lo + 1
+  with _range_lock:
+    # a random first port: unrelated processes handed the same range do not start in step
+    start = _range_cursor.get(rng, random.randrange(size))
+    for i in range(size):
+      port = lo + (start + i) % size
+      if _bindable(port):
+        _range_cursor[rng] = (start + i + 1) % size
+        return port
+  raise TritonServerError(f"no free port in {PORT_RANGE_ENV}={lo}-{hi}")
+
+
+def shm_prefix(tag: str) -> str:
+  return f"jaxclf_{tag}_"
+
+
+def shm_prefix_args(extra: Sequence[str], tag: str) -> list[str]:
+  """The python backend's shared-memory region prefix, unique to this server (`tag`): two servers
+  on one machine must not share one. Nothing when `extra` already sets it."""
+  if any("shm-region-prefix-name" in a for a in extra):
+    return []
+  return [f"--backend-config=python,shm-region-prefix-name={shm_prefix(tag)}"]
 
 
 def server_command(env: ServingEnv, repo_dir: str, *, http_port: int, grpc_port: int,
@@ -133,6 +193,7 @@ class TritonServer:
     self.log_path = log_path or os.path.join(tempfile.gettempdir(),
                                              f"jaxclf-tritonserver-{self.http_port}.log")
     self.extra_args = list(extra_args)
+    self.shm_tag = f"{os.getpid()}_{self.http_port}"
     self.proc: subprocess.Popen | None = None
 
   @property
@@ -150,7 +211,9 @@ class TritonServer:
   def command(self) -> list[str]:
     return server_command(self.env, self.repo_dir, http_port=self.http_port,
                           grpc_port=self.grpc_port, metrics_port=self.metrics_port,
-                          models=self.models, poll_secs=self.poll_secs, extra=self.extra_args)
+                          models=self.models, poll_secs=self.poll_secs,
+                          extra=[*shm_prefix_args(self.extra_args, self.shm_tag),
+                                 *self.extra_args])
 
   def start(self, timeout: float = 90) -> "TritonServer":
     self._log = open(self.log_path, "wb")
@@ -201,7 +264,19 @@ class TritonServer:
         os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and its stubs
         self.proc.wait(5)
     self._log.close()
+    self._remove_leftover_shm()
     return self.proc.returncode
+
+  def _remove_leftover_shm(self) -> None:
+    """Shared-memory regions that stubs killed with the server left behind (a clean shutdown
+    removes its own); only this server's prefix, and only once the server is gone."""
+    if any("shm-region-prefix-name" in a for a in self.extra_args):
+      return
+    for path in glob.glob(os.path.join("/dev/shm", shm_prefix(self.shm_tag) + "*")):
+      try:
+        os.unlink(path)
+      except OSError:
+        pass
 
   def __enter__(self) -> "TritonServer":
     return self.start()

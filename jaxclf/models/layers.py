@@ -251,6 +251,9 @@ class BatchNorm(nn.Module):
   dtype: Any = None
   scale_init: Callable = nn.initializers.ones_init()
   bias_init: Callable = nn.initializers.zeros_init()
+  # Scale fixed at 1 (the CNN's bn_scale='frozen'): the `scale` parameter is still created, so
+  # checkpoints, EMA and export see the usual tree, but both paths multiply by a constant 1.
+  frozen_scale: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -258,6 +261,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    if self.frozen_scale:  # a constant: zero gradient, the parameter stays at its init (1)
+      scale = jnp.ones_like(scale)
     bias = self.param("bias", self.bias_init, (c,), jnp.float32)
     dtype = self.dtype or x.dtype
     if self.use_running_average:

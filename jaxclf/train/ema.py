@@ -71,7 +71,11 @@ def update(state, settings: EmaSettings):
   def mix(avg, new):
     if not jnp.issubdtype(avg.dtype, jnp.floating):  # a counter, if a model keeps one
       return jnp.where(due, new, avg)
-    return (d * avg.astype(jnp.float32) + (1.0 - d) * new.astype(jnp.float32)).astype(avg.dtype)
+    # avg + (1 - d) (new - avg), the same average as d avg + (1 - d) new, written so that a
+    # weight that never changes (a frozen layer: the whitening stem, a frozen backbone) keeps its
+    # exact value in the average rather than drifting by an ulp per update.
+    a = avg.astype(jnp.float32)
+    return (a + (1.0 - d) * (new.astype(jnp.float32) - a)).astype(avg.dtype)
 
   current = {"params": state.params, "batch_stats": state.batch_stats}
   return state.replace(ema=jax.tree.map(mix, state.ema, current))

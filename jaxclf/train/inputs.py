@@ -74,9 +74,12 @@ class TrainInput:
       order = pipeline.epoch_order(labels, epoch=epoch, seed=self.seed, sampler=self.sampler)
       if n > 1:
         order = distributed.process_order(order, self.batch_size, p, n)
+      # augment.hflip_mode=alternate: the rows' flips from their global index and the epoch
+      flips = (transforms.alternate_hflips(self.seed, order, epoch)
+               if self.aug is not None and self.aug.alternating_hflip else None)
       return pipeline.array_batches(pipeline.in_memory_pixels(self.split, self.spec),
                                     np.asarray(labels), order, self.local_batch_size,
-                                    start=step - epoch * self.steps_per_epoch)
+                                    start=step - epoch * self.steps_per_epoch, hflip=flips)
     ds = pipeline.train_dataset(self.split, epoch=epoch, seed=self.seed,
                                 batch_size=self.local_batch_size, transform=self.grain_transform,
                                 sampler=self.sampler, process_count=n)
@@ -100,7 +103,8 @@ class TrainInput:
     `prepare` (augmentation, erasing, mixing) of the whole batch, keyed by its step."""
     prepare = self.prepare_fn(key)
     if prepare is not None:
-      batch = jax.jit(prepare)({"image": batch["image"], "label": batch["label"]}, step)
+      batch = jax.jit(prepare)({k: batch[k] for k in ("image", "label", "hflip") if k in batch},
+                               step)
     return transforms.denormalize(np.asarray(batch["image"][:32]), self.spec)
 
 

@@ -29,7 +29,7 @@ from jaxclf.data.dataset import (DataError, class_weights, load_dataset,
 from jaxclf.models.layers import resolve_conv_impl
 from jaxclf.models.registry import create_model_from_config
 from jaxclf.tracking.run_record import RunRecord
-from jaxclf.train import distributed, finetune, inputs, precision, steps
+from jaxclf.train import distributed, finetune, inputs, precision, steps, whitening_init
 from jaxclf.train import ema as ema_lib
 from jaxclf.train.actions import NonFiniteError, check_finite, run_actions
 from jaxclf.train.checkpoints import Checkpointer
@@ -86,6 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
   state, loop_state, resumed_step, pretrained_record = _restore_or_initialise(
       config, ckpt, state, model, dataset, steps_per_epoch, workdir)
+  if resumed_step is None and not config.model.pretrained:  # the whitening stem's filters
+    state = whitening_init.fit_stem(config, state, dataset.split("train"), spec)
   loop_state.topology = distributed.topology(mesh)
   failures = pipeline.DecodeFailures()
   train_input = _create_train_input(config, dataset.split("train"), spec, aug, steps_per_epoch,

@@ -71,7 +71,7 @@ def _download(name: str, dest_dir: str, timeout: float = 30) -> bytes | None:
   data = gzip.decompress(raw)
   if hashlib.sha256(data).hexdigest() != FILES[name]:
     return None
-  tmp = dest + ".tmp"
+  tmp = f"{dest}.{os.getpid()}.tmp"  # per process: parallel downloaders must not share one
   with open(tmp, "wb") as f:
     f.write(raw)
   os.replace(tmp, dest)
