@@ -13,8 +13,9 @@ validation, and its test figure comes from `bench/race.py` against the PyTorch a
 
 Results accumulate in --out (default docs/results/recipe.json): a run already there for the same
 arm, seed and overrides is not repeated, so a long ablation can be stopped and continued, and
-arms can be added later. `summary` gives per arm the val mean +- std (sample std over seeds),
-the mean wall and its ratio to the `base` arm's (accuracies as fractions, as run.json has them). Walls from different sittings or machines are
+arms can be added later. `summary` gives per arm the val mean +- std (sample std over seeds;
+accuracies as fractions, as run.json has them), the mean wall and the highest load average its
+runs saw. Walls from different sittings or machines are
 not comparable: compare arms whose runs were interleaved in one invocation (seeds run in the
 outer loop, arms in the inner one, so background load spreads over all arms alike).
 """
@@ -110,29 +111,33 @@ def summarise(runs: list[dict]) -> dict:
   for r in runs:
     if "error" not in r:
       by_arm.setdefault(r["arm"], []).append(r)
-  base_wall = statistics.mean(r["wall_s"] for r in by_arm["base"]) if "base" in by_arm else None
   out = {}
   for arm, rs in by_arm.items():
     accs = [r["val_accuracy"] for r in rs]
-    wall = statistics.mean(r["wall_s"] for r in rs)
+    loads = [x for r in rs for x in r.get("load_avg", [])]
     out[arm] = {"seeds": sorted(r["seed"] for r in rs), "overrides": rs[0]["overrides"],
                 "val_mean": round(statistics.mean(accs), 5),
                 "val_std": round(statistics.stdev(accs), 5) if len(accs) > 1 else None,
-                "wall_s_mean": round(wall, 1),
-                "wall_vs_base": round(wall / base_wall, 3) if base_wall else None}
+                "wall_s_mean": round(statistics.mean(r["wall_s"] for r in rs), 1),
+                "train_images_per_s_mean": round(statistics.mean(
+                    r.get("train_images_per_s") or 0.0 for r in rs), 1),
+                # the highest 1-minute load average seen at a run's start or end (None: runs
+                # from before it was recorded): above ~3 on 2 cores the wall is a shared machine's
+                "load_avg_max": max(loads) if len(loads) == 2 * len(rs) else None}
   return out
 
 
 def markdown_table(summary: dict) -> str:
-  """Arms by val mean, best first: seeds, val mean +- std (points), wall, wall / base."""
-  rows = ["| arm | overrides | seeds | val mean ± std | wall (mean) | wall / base |",
-          "|---|---|---|---|---|---|"]
+  """Arms by val mean, best first: seeds, val mean +- std (points), wall, the steady train
+  images/s (the last logging window's) and the machine's load."""
+  rows = ["| arm | overrides | seeds | val mean ± std | wall (mean) | train img/s | load avg (max) |",
+          "|---|---|---|---|---|---|---|"]
   for arm, s in sorted(summary.items(), key=lambda kv: -kv[1]["val_mean"]):
     std = f" ± {100 * s['val_std']:.2f}" if s["val_std"] is not None else ""
     sets = ", ".join(f"`{o}`" for o in s["overrides"]) or "(configs/cnn.py as committed)"
-    ratio = f"{s['wall_vs_base']:.2f}" if s["wall_vs_base"] is not None else "-"
+    load = f"{s['load_avg_max']:.1f}" if s["load_avg_max"] is not None else "not recorded"
     rows.append(f"| {arm} | {sets} | {len(s['seeds'])} | {100 * s['val_mean']:.2f}%{std} "
-                f"| {s['wall_s_mean']:.0f} s | {ratio} |")
+                f"| {s['wall_s_mean']:.0f} s | {s['train_images_per_s_mean']:,.0f} | {load} |")
   return "\n".join(rows)
 
 
