@@ -48,7 +48,7 @@ def build_variants(batch: int):
   from jaxclf.train.state import create_train_state
   if not onednn.available():
     raise SystemExit(f"levers_ab: the oneDNN extension is not available ({onednn.load_error()})")
-  c = load_config(os.path.join(ROOT, "configs/cnn.py"), environ={})
+  c = load_config(os.path.join(ROOT, "configs/cnn.py:anchor"), environ={})
   model = create_model("cnn", 10, layers=tuple(c.model.kwargs.layers), conv_impl="onednn")
   lr_fn = create_learning_rate_fn(c, 100, 1000)
   rng = np.random.default_rng(0)

@@ -155,7 +155,7 @@ def main():
   def row(name, ms, n):
     res["rows"][name] = {"ms": round(ms, 2), "images_per_s": round(1000 * n / ms, 1)}
 
-  cnn = load_config(f"{ROOT}/configs/cnn.py", environ={})
+  cnn = load_config(f"{ROOT}/configs/cnn.py:anchor", environ={})
   _, state, batch, step, _ = _state_and_step(cnn, 128)
   row("cnn_step", timed(step, state, batch, min_time=a.min_time, donate_state=True), 128)
 

@@ -155,7 +155,7 @@ def run_jax(case: str, phase: str, steps: int, warmup: int, conv_impl: str) -> d
   if hasattr(model, "conv_impl"):
     impl = resolve_conv_impl(conv_impl)
     model = model.clone(conv_impl=impl)
-  c = load_config(os.path.join(ROOT, "configs/cnn.py"), environ={})
+  c = load_config(os.path.join(ROOT, "configs/cnn.py:anchor"), environ={})
   if phase == "frozen":  # the fine-tuning optimizer (param groups + backbone gate), as loop.py
     c.model.name = name
     c.train.freeze_backbone_epochs = 1

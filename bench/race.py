@@ -18,7 +18,8 @@ both alike), each in its own fresh process:
     --workdir=<fresh tmp>/jax_s{S} --config.seed=S` and the row hashes (plus
     --config.train.num_epochs=1 under --quick, and any --jax-set overrides), then its run.json:
     metrics.test (on the best-by-val checkpoint, as jaxclf reports it; with flip TTA when the
-    config's train.tta_flip is on), metrics.val, history.
+    config's train.tta_flip is on), metrics.val, history, and calibration (test_ece: the test
+    ECE after temperature scaling, i.e. the served model's; the PyTorch side has none).
   * wall_s: from just before the child is started to the final test accuracy (PyTorch: the
     timestamp the child prints right after its test accuracy; jaxclf: the process exit, so it
     includes jax import, compilation, checkpointing and the test evaluation); on both sides less
@@ -273,6 +274,9 @@ def run_jax(seed: int, config: str, overrides: list[str], quick: bool, target: f
       "test_on": "metrics.test.accuracy of run.json (jaxclf tests its best-by-val checkpoint)",
       "config_tta_flip": bool(((cfg or {}).get("train") or {}).get("tta_flip")),
       "metrics_test": test, "metrics_val": val_best,
+      # the served model's test ECE: the export bakes the fitted temperature in
+      "test_ece": _r((run.get("calibration") or {}).get("test_ece_after")),
+      "calibration": run.get("calibration"),
       "metrics_other": {k: v for k, v in (run.get("metrics") or {}).items()
                         if k not in ("test", "val")},
       "best_val_accuracy": max(vals) if vals else _r((val_best or {}).get("accuracy")),
@@ -322,7 +326,7 @@ def _ms(vals):
 
 
 FIELDS = ("test_accuracy", "best_val_accuracy", "final_val_accuracy", "wall_s",
-          "time_to_target_s", "images_per_s", "train_images_per_s")
+          "time_to_target_s", "images_per_s", "train_images_per_s", "test_ece")
 
 
 def summarize(runs: dict) -> dict:
@@ -367,6 +371,18 @@ def summarize(runs: dict) -> dict:
                 "jaxclf minus PyTorch, in percentage points",
     }
   return out
+
+
+def portable(obj, workroot: str):
+  """`obj` with this checkout's and the work root's absolute paths written as `<repo>` and
+  `<workroot>`: the committed JSON names no machine's folders (the log still prints them)."""
+  if isinstance(obj, dict):
+    return {k: portable(v, workroot) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [portable(v, workroot) for v in obj]
+  if isinstance(obj, str):
+    return obj.replace(workroot, "<workroot>").replace(ROOT, "<repo>")
+  return obj
 
 
 def _brief(r: dict) -> str:
@@ -420,7 +436,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
-      json.dump(result, f, indent=2)
+      json.dump(portable(result, workroot), f, indent=2)
     os.replace(tmp, out_path)
 
   for s in seeds:

@@ -10,7 +10,8 @@ Arms, at each training-set size (stratified: data.limit_per_class = size / 10):
   scratch     the same architecture, input, epochs, optimizer and augmentation, random init, at
               the optimizer's from-scratch lr 0.05 (no frozen phase, no frozen BatchNorm: there
               is nothing to keep)
-  cnn         the project's default CNN (configs/cnn.py) from scratch at its own 28 px, same epochs
+  cnn         the anchor CNN (configs/cnn.py:anchor: the default's net and recipe without its
+              training levers) from scratch at its own 28 px, same epochs
 Sizes 100, 500, 2,000; seeds 0 and 1 at 100 and 500 (a seed sets both the init and which
 images are drawn, so the spread includes the sample), seed 0 at 2,000.
 
@@ -60,7 +61,7 @@ def arm_config(arm: str, per_class: int, seed: int, epochs: int, size: int, smok
             "periodic.checkpoint=100%", "evals.val.when=2 epochs"]
   batch = max(8, min(64, per_class * 10 // 8))  # >= 8 steps per epoch at 100 images
   if arm == "cnn":
-    path, over = f"{ROOT}/configs/cnn.py", list(common)
+    path, over = f"{ROOT}/configs/cnn.py:anchor", list(common)
   else:
     path = f"{ROOT}/configs/transfer.py:full"
     over = [*common, f"preprocessing.image_size={size}", f"augment.translate={max(1, size // 16)}"]

@@ -41,9 +41,9 @@ Expected (`bench/transfer_curve.py --headline` on a 2-core CPU, 2026-12-02: docs
 docs/results.md; single view, best-by-validation checkpoint):
   (none)    84.2% on the full 10,000-image test split (95% bootstrap CI 83.5-84.9), 84.2% on
             the curve's 2,000-image stratified test subset; 629 s of training. Beside it at 2,000
-            images: Lite0 from scratch 79.4%, the default CNN (configs/cnn.py) 86.8%.
+            images: Lite0 from scratch 79.4%, the anchor CNN (configs/cnn.py:anchor) 86.8%.
   few_shot  66.1% and 68.7% (seeds 0, 1; 2,000-image test subset); 127-143 s of training.
-            Lite0 from scratch 27.5% / 33.6%, the default CNN 69.6% / 65.2%.
+            Lite0 from scratch 27.5% / 33.6%, the anchor CNN 69.6% / 65.2%.
   full      not measured (4 unfrozen epochs x 60,000 images: hours on a 2-core CPU).
 """
 from jaxclf.config import default_config, parse_arg

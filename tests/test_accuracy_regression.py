@@ -6,11 +6,12 @@ flip on the device, single-view test accuracy), seed 0, the first 4,096 images o
 on the 2-core machine.
 
 The floor: runs are bit-deterministic for a given seed on one machine (see the resume test), so
-the noise that matters is across seeds and CPU types. Measured on the dev machine (AMD EPYC,
-2 cores, 2026-12-01, oneDNN conv, the anchor-recipe default with PyTorch's init) with seeds 0/1/2:
-FLOOR_EVIDENCE (spread 1.6 points; with flax's lecun init it was 0.7783 / 0.7439 / 0.7546). The
-floor sits 3 points under the lowest seed, outside seed noise; a real regression (a broken loss, schedule,
-augmentation or BatchNorm) costs more than that.
+the noise that matters is across seeds and CPU types. Measured on the dev machine (AMD EPYC with
+AVX-512, 2 cores, 2026-12-07, oneDNN conv) for the default with its whitening stem, Dirac init and
+frozen BatchNorm scales, seeds 0/1/2: FLOOR_EVIDENCE (spread 3.9 points; in 96 steps the levers
+trail the anchor recipe, which gave 0.7808 / 0.7673 / 0.7646, and lead it after 10 epochs). The
+floor sits 3 points under the lowest seed, outside seed noise; a real regression (a broken loss,
+schedule, augmentation, whitening fit or BatchNorm) costs more than that.
 """
 import os
 
@@ -22,8 +23,8 @@ OVERRIDES = ["data.limit_per_split=4096", "train.batch_size=128", "train.num_epo
              "augment.translate=2", "train.progress_bar=false", "periodic.checkpoint=1000 steps",
              "seed=0"]
 # `jaxclf train --config configs/cnn.py --set <each of OVERRIDES> --set seed=S`, test accuracy:
-FLOOR_EVIDENCE = {"seed0": 0.7808, "seed1": 0.7673, "seed2": 0.7646}
-FLOOR = 0.73
+FLOOR_EVIDENCE = {"seed0": 0.7083, "seed1": 0.7317, "seed2": 0.7473}
+FLOOR = 0.67
 
 
 def test_short_default_run_reaches_the_floor(tmp_path):

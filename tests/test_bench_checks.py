@@ -133,3 +133,19 @@ def test_race_split_check_fails_when_the_sides_used_other_rows(jax_rows_tiny):
                           {"data_rows": jax_rows_tiny})
   assert same["match"] is True
   assert race.split_check({"data": info}, {"data_rows": None})["match"] is None
+
+
+# ------------------------------------------------------------------------------ recipe
+
+def test_the_default_config_is_the_anchor_plus_the_chosen_recipe_arm():
+  """bench/recipe.py's table is what chose configs/cnn.py: the default must be exactly the
+  `:anchor` variant with the overrides of the arm its docstring names, or the table describes
+  another model than the one a user trains."""
+  from recipe import ARMS, CONFIG, DEFAULT_ARM
+  from jaxclf.config import load_config
+  default = load_config(str(REPO / "configs" / "cnn.py"), environ={})
+  arm = load_config(str(REPO / CONFIG), overrides=list(ARMS[DEFAULT_ARM]), environ={})
+  anchor = load_config(str(REPO / CONFIG), environ={})
+  assert default.to_dict() == arm.to_dict()
+  assert default.to_dict() != anchor.to_dict()
+  assert f"`{DEFAULT_ARM}`" in (REPO / "configs" / "cnn.py").read_text()

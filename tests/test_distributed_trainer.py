@@ -33,9 +33,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f"{ROOT}/configs/cnn.py:tiny"
 # 20 steps (8 per epoch), a loss logged at every one, a checkpoint every 4; no end-of-run test
 # pass or calibration (nothing here reads them).
-BASE = ["optimizer.learning_rate=0.05", "train.num_epochs=3", "train.max_steps=20",
-        "periodic.log=1 steps", "periodic.checkpoint=4 steps", "train.calibrate=false",
-        "evals.test.enabled=false"]
+# The default's whitening stem on: each process fits it (process 0's filters are broadcast),
+# and any disagreement would show in the curve from step 1.
+BASE = ["model.kwargs.stem=whiten", "optimizer.learning_rate=0.05", "train.num_epochs=3",
+        "train.max_steps=20", "periodic.log=1 steps", "periodic.checkpoint=4 steps",
+        "train.calibrate=false", "evals.test.enabled=false"]
 HEARTBEAT_S = 5
 # How long a test waits for a process to end on its own: 24 heartbeat (and init) timeouts. A
 # job that missed a lost process or a missing peer would run (or wait) on for far longer; no
@@ -262,8 +264,9 @@ def test_gradient_accumulation_through_the_config_is_the_large_batch(tmp_path):
   """train.grad_accum_steps=4 on batches of 64 (4 micro-batches of 16) ends with the params of
   plain batches of 64, to 1e-5 relative in float32. An MLP without dropout: nothing else in it
   depends on how the batch is split (BatchNorm normalises per micro-batch by design)."""
-  mlp = ["model.name=cnn", "model.kwargs.layers=[]", "model.kwargs.hidden=[32]",
-         "model.kwargs.dropout=0.0", "train.max_steps=6", "periodic.checkpoint=6 steps"]
+  mlp = ["model.name=cnn", "model.kwargs.stem=conv", "model.kwargs.layers=[]",
+         "model.kwargs.hidden=[32]", "model.kwargs.dropout=0.0", "train.max_steps=6",
+         "periodic.checkpoint=6 steps"]
   out = {}
   for k in (1, 4):
     workdir = tmp_path / f"k{k}"

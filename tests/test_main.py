@@ -47,7 +47,7 @@ def test_yaml_config_and_same_values_as_jaxclf_train_set():
      "environment variable JAXCLF_TRAIN__BATCH_SIZ: unknown config key 'train.batch_siz'. "
      "Did you mean train.batch_size?"),
     (["--config=configs/cnn.py:tinny"], {},
-     "configs/cnn.py:tinny: arg variant='tinny' is not one of ['', 'quick', 'tiny']. "
+     "configs/cnn.py:tinny: arg variant='tinny' is not one of ['', 'quick', 'tiny', 'anchor']. "
      "Did you mean 'tiny'?"),
     (["--config=configs/cnn.py", "--config.train.log_every_steps=5"], {},
      "train.log_every_steps is now periodic.log"),

@@ -180,12 +180,17 @@ def check_model(name: str, kwargs: dict) -> None:
                       f"{', '.join(sorted(MODEL_ARGS))}, or 'package.module:ClassName'.")
   if fields is None:
     return
-  for key in kwargs:
-    if key not in fields:
-      close = difflib.get_close_matches(key, fields, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"model.kwargs.{key}: model {name!r} takes no argument {key!r}.{hint} "
-                        f"It takes: {', '.join(sorted(fields))}")
+  unknown = [key for key in kwargs if key not in fields]
+  if len(unknown) == 1:
+    key = unknown[0]
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"model.kwargs.{key}: model {name!r} takes no argument {key!r}.{hint} "
+                      f"It takes: {', '.join(sorted(fields))}")
+  if unknown:  # all at once: typically the previous model's kwargs after model.name=...
+    raise ConfigError(f"{', '.join('model.kwargs.' + k for k in unknown)}: model {name!r} takes "
+                      f"no argument {', '.join(map(repr, unknown))} (model.kwargs={{}} drops them). "
+                      f"It takes: {', '.join(sorted(fields))}")
 
 
 CNN_RANGES = {"head_scale": (0.0, 1000.0), "whiten_kernel": (1, 7), "whiten_eps": (0.0, 1.0)}

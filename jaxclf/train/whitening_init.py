@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import numpy as np
 
 from jaxclf.data import pipeline, transforms
@@ -44,6 +45,11 @@ def fit_stem(config, state, split, spec):
   images = training_sample(split, spec, config)
   filters = whitening.fit_whitening(images, int(kwargs.get("whiten_kernel", 2)),
                                     float(kwargs.get("whiten_eps", 5e-4)))
+  if jax.process_count() > 1:
+    # Every process fits on the same images, but an eigenvector's sign (and so the filters'
+    # order) may differ between CPUs' LAPACK builds: all processes take process 0's filters.
+    from jax.experimental import multihost_utils
+    filters = np.asarray(multihost_utils.broadcast_one_to_all(filters))
   log.info("whitening stem fitted on %d training images: %d filters", len(images),
            filters.shape[-1])
   state = state.replace(params=whitening.set_filters(state.params, filters))
