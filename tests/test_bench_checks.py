@@ -149,3 +149,15 @@ def test_the_default_config_is_the_anchor_plus_the_chosen_recipe_arm():
   assert default.to_dict() == arm.to_dict()
   assert default.to_dict() != anchor.to_dict()
   assert f"`{DEFAULT_ARM}`" in (REPO / "configs" / "cnn.py").read_text()
+
+
+@pytest.mark.parametrize("name", ["cnn", "transfer100", "transfer500", "photos"])
+def test_every_recipe_arm_is_a_valid_config(name):
+  """A typo in an arm's overrides fails here, not hours into an ablation."""
+  from recipe import SUITES
+  from jaxclf.config import load_config
+  suite = SUITES[name]
+  data = ["data.source=fashion_mnist"] if suite.data else []  # the photo set's path is built
+  for arm, overrides in suite.arms.items():
+    load_config(str(REPO / suite.config), overrides=[*data, *suite.shared, *overrides],
+                environ={})
