@@ -24,6 +24,19 @@ def provenance() -> dict:
           "cpu": cpu, "cores": os.cpu_count()}
 
 
+def scrub_paths(obj, replacements: dict[str, str]):
+  """`obj` (JSON-like) with each key of `replacements` replaced by its value in every string, in
+  order: a committed result must not name the folders of the machine it ran on."""
+  if isinstance(obj, dict):
+    return {k: scrub_paths(v, replacements) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [scrub_paths(v, replacements) for v in obj]
+  if isinstance(obj, str):
+    for old, new in replacements.items():
+      obj = obj.replace(old, new)
+  return obj
+
+
 def emit(result: dict, out: str | None) -> None:
   """Prints `result` as JSON and writes it to `out` (if given), with its provenance added."""
   result = {**result, "provenance": provenance()}

@@ -290,15 +290,9 @@ def summarise(runs: dict) -> dict:
 
 
 def repo_relative(obj):
-  """`obj` with every path inside this checkout written relative to it (race.json is committed
-  under docs/results/ and must not name the machine it ran on)."""
-  if isinstance(obj, dict):
-    return {k: repo_relative(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [repo_relative(v) for v in obj]
-  if isinstance(obj, str) and REPO + os.sep in obj:
-    return obj.replace(REPO + os.sep, "")
-  return obj
+  """`obj` with every path inside this checkout written relative to it."""
+  from _common import scrub_paths  # noqa: PLC0415
+  return scrub_paths(obj, {REPO + os.sep: ""})
 
 
 def main():

@@ -374,15 +374,10 @@ def summarize(runs: dict) -> dict:
 
 
 def portable(obj, workroot: str):
-  """`obj` with this checkout's and the work root's absolute paths written as `<repo>` and
-  `<workroot>`: the committed JSON names no machine's folders (the log still prints them)."""
-  if isinstance(obj, dict):
-    return {k: portable(v, workroot) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [portable(v, workroot) for v in obj]
-  if isinstance(obj, str):
-    return obj.replace(workroot, "<workroot>").replace(ROOT, "<repo>")
-  return obj
+  """`obj` with the work root's and this checkout's absolute paths written as `<workroot>` and
+  `<repo>` (the log still prints them)."""
+  from _common import scrub_paths  # noqa: PLC0415
+  return scrub_paths(obj, {workroot: "<workroot>", ROOT: "<repo>"})
 
 
 def _brief(r: dict) -> str:

@@ -47,7 +47,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from _common import emit  # noqa: E402
+from _common import emit, scrub_paths  # noqa: E402
 
 TEST_SEED = 12345
 ARMS = ("pretrained", "scratch", "cnn")
@@ -178,10 +178,8 @@ def reusable_run(reuse_dir: str, name: str, config) -> str:
 
 
 def repo_relative(path: str) -> str:
-  """`path` relative to the checkout when it lies inside it: the committed JSON must not name
-  the machine it ran on."""
-  full = os.path.abspath(path)
-  return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else path
+  """`path` relative to the checkout when it lies inside it."""
+  return scrub_paths(os.path.abspath(path), {ROOT + os.sep: ""})
 
 
 def plan(smoke: bool, arms, sizes) -> list[tuple[str, int, int]]:
