@@ -169,7 +169,9 @@ def run_one(suite: Suite, arm: str, seed: int, data_sets: list[str], keep: str |
     rec["error"] = f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or [""])[-1]
     return rec
   val = run["metrics"]["val"]
+  # The test split's figure is recorded for the chosen default's write-up, never compared.
   rec.update(val_accuracy=val["accuracy"], val_loss=val.get("loss"),
+             test_accuracy=(run["metrics"].get("test") or {}).get("accuracy"),
              epochs=len(run.get("history") or []),
              selected=run.get("best"),
              train_images_per_s=(run.get("last_train") or {}).get("images_per_sec"))
@@ -197,6 +199,10 @@ def summarise(runs: list[dict]) -> dict:
                 # the highest 1-minute load average seen at a run's start or end (None: runs
                 # from before it was recorded): above ~3 on 2 cores the wall is a shared machine's
                 "load_avg_max": max(loads) if len(loads) == 2 * len(rs) else None}
+    tests = [r.get("test_accuracy") for r in rs]
+    if None not in tests:  # reported for the chosen default, never used to choose
+      out[arm].update(test_mean=round(statistics.mean(tests), 5),
+                      test_std=round(statistics.stdev(tests), 5) if len(tests) > 1 else None)
   return out
 
 

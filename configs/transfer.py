@@ -45,6 +45,15 @@ docs/results.md; single view, best-by-validation checkpoint):
   few_shot  66.1% and 68.7% (seeds 0, 1; 2,000-image test subset); 127-143 s of training.
             Lite0 from scratch 27.5% / 33.6%, the anchor CNN 69.6% / 65.2%.
   full      not measured (4 unfrozen epochs x 60,000 images: hours on a 2-core CPU).
+
+Augmentation: timm's families did not help here. `bench/recipe.py --suite transfer100` and
+`--suite transfer500` (bench/README.md; validation only, 3 seeds per arm) added RandAugment
+(m9, mstd 0.5), TrivialAugment, Mixup 0.8 + CutMix 1.0 and Random Erasing 0.25, alone and all
+together: none beats the committed shifts and flips by more than the seed spread (100 images:
+70.8% +- 1.1 validation, 67.5% +- 1.1 test; 500 images: 80.4% +- 0.8 validation, 78.4% +- 0.7
+test), Mixup + CutMix costs 1.4 / 2.2 points and all four together 4.6 / 4.1 at these 12
+epochs. So the recipe keeps its augmentation; the families are one `--set` away
+(docs/augmentation.md) for longer schedules.
 """
 from jaxclf.config import default_config, parse_arg
 from jaxclf.models.pretrained import PRETRAINED

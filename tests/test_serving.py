@@ -518,8 +518,10 @@ def test_api_key_admin_token_and_hot_reload_drops_nothing(export_dir, tmp_path, 
 
 
 def test_readyz_waits_for_load_and_warmup(export_dir, tmp_path):
-  # A long warm-up (many model runs) keeps the server alive but not ready for a while.
-  srv = Server(export_dir, tmp_path / "warm.log", env={"JAXCLF_SERVE_WARMUP_RUNS": "100000"},
+  # A long warm-up (many model runs) keeps the server alive but not ready for a while: 20,000
+  # runs of the tiny model take seconds on any machine (a loaded one takes longer, never less),
+  # and the probes below need a few requests' time (100,000 cost ~15 s of the suite's wall).
+  srv = Server(export_dir, tmp_path / "warm.log", env={"JAXCLF_SERVE_WARMUP_RUNS": "20000"},
                wait=False)
   try:
     deadline = time.monotonic() + 60
