@@ -52,6 +52,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
+from _common import scrub_paths  # noqa: E402
 
 LICENSE = "MIT (derived from Fashion-MNIST, Copyright (c) 2017 Zalando SE)"
 
@@ -291,7 +292,6 @@ def summarise(runs: dict) -> dict:
 
 def repo_relative(obj):
   """`obj` with every path inside this checkout written relative to it."""
-  from _common import scrub_paths  # noqa: PLC0415
   return scrub_paths(obj, {REPO + os.sep: ""})
 
 

@@ -55,6 +55,9 @@ from importlib import metadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from _common import scrub_paths  # noqa: E402
+
 DEFAULT_JAX_CONFIG = "configs/cnn.py"
 
 
@@ -376,7 +379,6 @@ def summarize(runs: dict) -> dict:
 def portable(obj, workroot: str):
   """`obj` with the work root's and this checkout's absolute paths written as `<workroot>` and
   `<repo>` (the log still prints them)."""
-  from _common import scrub_paths  # noqa: PLC0415
   return scrub_paths(obj, {workroot: "<workroot>", ROOT: "<repo>"})
 
 
