@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from jaxclf.ops import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +21,15 @@ def test_cache_dir_follows_the_environment(tmp_path):
     assert compile_cache.cache_dir({"JAXCLF_COMPILATION_CACHE": off}) is None
   assert compile_cache.cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/jaxclf/xla"
   assert compile_cache.cache_dir({}).endswith(os.path.join(".cache", "jaxclf", "xla"))
+
+
+def test_the_write_threshold_follows_the_environment():
+  assert compile_cache.min_compile_seconds({}) == 1.0  # JAX's default
+  assert compile_cache.min_compile_seconds({"JAXCLF_COMPILATION_CACHE_MIN_S": "0.1"}) == 0.1
+  assert compile_cache.min_compile_seconds({"JAXCLF_COMPILATION_CACHE_MIN_S": " 0 "}) == 0.0
+  for bad in ("-1", "fast", "nan"):
+    with pytest.raises(ValueError, match="JAXCLF_COMPILATION_CACHE_MIN_S="):
+      compile_cache.min_compile_seconds({"JAXCLF_COMPILATION_CACHE_MIN_S": bad})
 
 
 _CHILD = r"""

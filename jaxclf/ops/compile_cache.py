@@ -13,8 +13,9 @@ else $XDG_CACHE_HOME/jaxclf/xla, else ~/.cache/jaxclf/xla. The key is JAX's own:
 jax/jaxlib versions, the backend and XLA flags, so a changed model or upgrade compiles afresh.
 The oneDNN calls (jaxclf/ops/onednn.py) are FFI custom calls resolved by name when an executable
 loads, so cached steps use whatever extension this process registered. Only compilations that
-took at least `min_compile_s` are written (JAX's default threshold: one second), so tiny jits do
-not litter the directory. The cache is bounded (`max_bytes`, 4 GiB by default; JAX evicts the
+took at least `min_compile_s` are written (JAX's default threshold: one second, or
+$JAXCLF_COMPILATION_CACHE_MIN_S), so tiny jits do not litter a user's directory; the test suite
+lowers it, since it compiles the same hundreds of small programs in every run. The cache is bounded (`max_bytes`, 4 GiB by default; JAX evicts the
 least recently used entries), and bounding it also turns on JAX's file lock around every read
 and write, so several processes (a sweep's workers, a test suite's subprocesses) can share it:
 without the lock JAX writes entries in place and a reader could see half of one.
@@ -42,14 +43,32 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
 MAX_BYTES = 4 << 30
 
 
+def min_compile_seconds(environ: Mapping[str, str] | None = None) -> float:
+  """$JAXCLF_COMPILATION_CACHE_MIN_S (seconds, >= 0), else JAX's default of one second."""
+  env = os.environ if environ is None else environ
+  value = env.get("JAXCLF_COMPILATION_CACHE_MIN_S", "").strip()
+  if not value:
+    return 1.0
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not seconds >= 0:  # also NaN
+    raise ValueError(f"JAXCLF_COMPILATION_CACHE_MIN_S={value!r}: expected seconds >= 0")
+  return seconds
+
+
 def enable_compilation_cache(environ: Mapping[str, str] | None = None,
-                             min_compile_s: float = 1.0,
+                             min_compile_s: float | None = None,
                              max_bytes: int = MAX_BYTES) -> dict[str, Any]:
   """Points JAX's persistent compilation cache at `cache_dir()`; idempotent. Returns what it did
-  ({'dir': ..., 'enabled': bool, 'why': ...}), which the run record keeps."""
+  ({'dir': ..., 'enabled': bool, 'why': ...}), which the run record keeps. `min_compile_s`:
+  default `min_compile_seconds(environ)`."""
   global _status
   if _status is not None:
     return _status
+  if min_compile_s is None:
+    min_compile_s = min_compile_seconds(environ)
   path = cache_dir(environ)
   if path is None:
     _status = {"enabled": False, "dir": None, "why": "JAXCLF_COMPILATION_CACHE turns it off"}
