@@ -18,5 +18,5 @@ case "$WORKERS" in
   ''|*[!0-9]*|0) echo "test.sh: JAXCLF_TEST_WORKERS=$WORKERS: expected a whole number >= 1" >&2; exit 2 ;;
 esac
 PARALLEL=()
-if [ "$WORKERS" -gt 1 ]; then PARALLEL=(-n "$WORKERS" --dist loadfile); fi
+if [ "$WORKERS" -gt 1 ]; then PARALLEL=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
 exec .venv/bin/python -m pytest -q -p no:randomly --durations=25 ${PARALLEL[@]+"${PARALLEL[@]}"} "$@"

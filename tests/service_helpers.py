@@ -65,7 +65,8 @@ class Postgres:
   def stop(self) -> None:
     try:
       if os.path.exists(os.path.join(self.data, "postmaster.pid")):
-        self._run(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        # immediate: no shutdown checkpoint, since the cluster is deleted next.
+        self._run(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
     finally:
       shutil.rmtree(self.dir, ignore_errors=True)
 

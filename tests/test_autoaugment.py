@@ -173,15 +173,33 @@ def test_grain_auto_augment_is_the_same_batch_split_over_processes():
       np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), full[key])
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from(["randaugment", "trivialaugment"]),
-       ops=st.lists(st.sampled_from(autoaugment.OPS), min_size=1, max_size=5, unique=True),
-       num_ops=st.integers(1, 3), magnitude=st.floats(0, 10),
-       mstd=st.sampled_from([0, 0.5, 3, 101]),
-       prob=st.floats(0, 1), increasing=st.booleans(), rgb=st.booleans(),
-       seed=st.integers(0, 2**31 - 1), step=st.integers(0, 10**6))
-def test_random_specs_on_random_images_through_both_paths(mode, ops, num_ops, magnitude, mstd,
-                                                          prob, increasing, rgb, seed, step):
+RANDOM_SPECS = given(
+    mode=st.sampled_from(["randaugment", "trivialaugment"]),
+    ops=st.lists(st.sampled_from(autoaugment.OPS), min_size=1, max_size=5, unique=True),
+    num_ops=st.integers(1, 3), magnitude=st.floats(0, 10),
+    mstd=st.sampled_from([0, 0.5, 3, 101]),
+    prob=st.floats(0, 1), increasing=st.booleans(), rgb=st.booleans(),
+    seed=st.integers(0, 2**31 - 1), step=st.integers(0, 10**6))
+# Each example is a new op list, so the device path compiles afresh (about 2 s each): the
+# default suite draws 4, the slow run 40.
+FEW, MANY = (settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+             for n in (4, 40))
+
+
+@FEW
+@RANDOM_SPECS
+def test_random_specs_on_random_images_through_both_paths(**spec):
+  check_both_paths(**spec)
+
+
+@pytest.mark.slow  # 40 random specs, each compiled afresh
+@MANY
+@RANDOM_SPECS
+def test_many_random_specs_through_both_paths(**spec):
+  check_both_paths(**spec)
+
+
+def check_both_paths(mode, ops, num_ops, magnitude, mstd, prob, increasing, rgb, seed, step):
   spec = RGB if rgb else GREY
   aug = transforms.AugmentSpec(auto=mode, auto_ops=tuple(ops), auto_num_ops=num_ops,
                                auto_magnitude=magnitude, auto_magnitude_std=mstd, auto_prob=prob,

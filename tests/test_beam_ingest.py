@@ -127,6 +127,7 @@ def _cfg(source):
                                         limit_per_split=0, cache_dir=""))
 
 
+@pytest.mark.slow  # a third Beam pipeline, killed and rerun; test_ingest.py kills the local path
 def test_beam_given_splits_csv_manifest_and_rerun_after_kill(tmp_path, beam_python):
   """Given train/test folders (val carved from train), a copy of a test image in train (skipped
   as a dedupe record, kept in test), through a CSV manifest, near-duplicate report off; a run
@@ -256,6 +257,7 @@ def test_class_by_class_draw_reproduces_stratified_split():
     assert all(np.array_equal(got[n], want[n]) for n in fractions)
 
 
+@pytest.mark.slow  # a second Beam pipeline; the gs:// test covers object-store output
 def test_beam_writes_to_s3_and_training_reads_it_back(hostile_folder, tmp_path, s3_bucket,
                                                      beam_python):
   """--out s3://... (moto's S3 server on 127.0.0.1): temp files and shards are written on S3

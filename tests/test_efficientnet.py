@@ -71,18 +71,24 @@ def test_lite_keeps_stem_head_and_end_stages_fixed_when_scaled():
 
 @pytest.fixture(scope="module")
 def tiny():
-  """One initialisation shared by the tests below (init dominates their time on a busy CPU)."""
+  """One initialisation shared by the tests below (init dominates their time on a busy CPU).
+  Every forward pass below is jitted: eagerly, each of the net's few hundred ops is dispatched
+  and compiled on its own, which took most of these tests' time."""
   model = create_model("efficientnet_tiny", num_classes=10)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
                                          train=False))()
   return model, variables
 
 
+def eval_apply(model):
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
 @pytest.mark.parametrize("size", [28, 33])
 def test_tiny_runs_on_small_and_odd_inputs(tiny, size):
   model, variables = tiny
   x = jax.random.normal(jax.random.key(1), (2, size, size, 1))
-  logits = model.apply(variables, x, train=False)
+  logits = eval_apply(model)(variables, x)
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
   # The tiny variant is B0's first three stages (1, 2, 2 blocks) with SE in every block; blocks 2
@@ -96,12 +102,15 @@ def test_train_mode_updates_batch_stats_and_stochastic_depth_uses_the_dropout_rn
   model, variables = tiny
   model = model.clone(drop_connect_rate=0.5)  # same parameters; stochastic depth on
   x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+
+  @jax.jit
+  def train_apply(variables, x, key):
+    return model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                       rngs={"dropout": key},
+                       capture_intermediates=lambda mdl, _: mdl.name in ("stem_conv", "head_conv"))
   out = {}
   for seed in (0, 1):
-    out[seed], mutated = model.apply(
-        variables, x, train=True, mutable=["batch_stats", "intermediates"],
-        rngs={"dropout": jax.random.key(seed)},
-        capture_intermediates=lambda mdl, _: mdl.name in ("stem_conv", "head_conv"))
+    out[seed], mutated = train_apply(variables, x, jax.random.key(seed))
     updates, inter = mutated, mutated["intermediates"]
   assert not np.allclose(out[0], out[1])  # different blocks dropped
   # The running statistics moved towards this batch's own statistics (the BatchNorm input is the
@@ -123,8 +132,8 @@ def test_train_mode_updates_batch_stats_and_stochastic_depth_uses_the_dropout_rn
       moved = np.abs(want - old) > 10 * atol
       assert np.all(new[moved] != old[moved]), f"{layer}.{stat} was not updated"
     assert moved.any(), f"{layer}.var: this batch should move the running variance"
-  e1 = model.apply(variables, x, train=False)
-  e2 = model.apply(variables, x, train=False)
+  e1 = eval_apply(model)(variables, x)
+  e2 = eval_apply(model)(variables, x)
   np.testing.assert_array_equal(e1, e2)  # eval is deterministic, no rng needed
 
 
@@ -149,6 +158,6 @@ def test_one_sgd_step_reduces_the_loss_on_a_fixed_batch(tiny):
     return optax.apply_updates(p, upd), updates["batch_stats"], opt, loss
 
   new_params, new_stats, _, loss_before = step(params, batch_stats, opt_state)
-  loss_after, _ = loss_fn(new_params, new_stats)
+  loss_after, _ = jax.jit(loss_fn)(new_params, new_stats)
   assert np.isfinite(float(loss_before))
   assert float(loss_after) < float(loss_before)

@@ -404,6 +404,7 @@ def _ingest_survives_a_lost_store(server, src, tmp_path, monkeypatch, capsys, re
   assert got["report"]["num_skipped"] == 0
 
 
+@pytest.mark.slow  # S3 lost mid-ingest is the default suite's proof of an outage
 def test_s3_lost_while_training_downloads_the_shards(s3, tmp_path, monkeypatch, capsys):
   from jaxclf.cli import run_training  # noqa: PLC0415
   from jaxclf.data import data_cli  # noqa: PLC0415
@@ -454,6 +455,7 @@ def tiny_export(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow  # an export of its own; S3 lost mid-ingest is the default suite's proof
 def test_s3_lost_while_the_registry_uploads_a_version(s3, tiny_export, tmp_path, monkeypatch):
   from jaxclf.registry import Registry, RegistryError  # noqa: PLC0415
   from jaxclf.registry.store import Store  # noqa: PLC0415

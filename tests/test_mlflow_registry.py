@@ -149,6 +149,7 @@ def test_register_promote_serve_from_alias_and_roll_back(registered, tmp_path):
   assert ("mlflow-register", 1, None) in actions and ("promote", 2, None) in actions
 
 
+@pytest.mark.slow  # Chromium: test_report.py renders a page in it in the default suite
 def test_the_registered_model_page_in_headless_chromium(registered):
   """The MLflow UI (a single-page app) rendered by Debian's chromium; the PNG is kept."""
   exe = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -116,3 +116,12 @@ def test_cpus_per_worker_pins_each_worker_to_its_own_cpus():
 def test_a_serial_run_or_the_xdist_controller_is_not_pinned():
   # the controller's mask is what its workers inherit: pinned, both would share its CPUs
   assert _affinity_after_conftest(JAXCLF_TEST_CPUS_PER_WORKER="1") == sorted(os.sched_getaffinity(0))
+
+
+def test_the_longest_first_schedule_names_only_files_that_exist():
+  """conftest.LONGEST_FIRST orders the files pytest-xdist hands out; a renamed file would silently
+  fall back to the alphabetical tail."""
+  from conftest import LONGEST_FIRST
+  here = os.path.dirname(os.path.abspath(__file__))
+  missing = [n for n in LONGEST_FIRST if not os.path.isfile(os.path.join(here, n))]
+  assert not missing and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST), missing

@@ -13,7 +13,8 @@ import time
 import optuna  # requirements/lock.txt: missing, the install is broken (an error, not a skip)
 import pytest
 
-from conftest import ROOT, free_port, wait_for_http
+from conftest import ROOT, free_port
+from service_helpers import start_mlflow_server, stop
 
 TINY = f'''
 import importlib.util
@@ -121,21 +122,13 @@ SENTINEL_TEST_ACCURACY = 0.123456789  # no val accuracy on 128 images can be thi
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
   """A real `mlflow server` from .venv-mlflow (scripts/setup_mlflow_env.sh), sqlite backend."""
-  exe = os.path.join(ROOT, ".venv-mlflow", "bin", "mlflow")
-  assert os.path.exists(exe), "needs the MLflow server env: bash scripts/setup_mlflow_env.sh"
   d = tmp_path_factory.mktemp("mlflow")
-  port = free_port()
-  log = open(d / "server.log", "wb")
-  proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port),
-                           "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-                           "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-                          stdout=log, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  wait_for_http(url + "/health", proc, 120, f"mlflow server did not start; see {d}/server.log")
-  yield url
-  proc.terminate()
-  proc.wait(30)
-  log.close()
+  url, proc = start_mlflow_server(str(d), f"sqlite:///{d}/mlflow.db",
+                                  ["--artifacts-destination", str(d / "artifacts")])
+  try:
+    yield url
+  finally:
+    stop(proc)
 
 
 @pytest.fixture(scope="module")
