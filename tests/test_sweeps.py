@@ -319,7 +319,10 @@ def test_ctrl_c_leaves_a_resumable_sweep_and_dead_workers_are_retried(tiny_confi
   checkpoint. A RUNNING trial whose heartbeat went quiet (a dead worker) is retried too."""
   from jaxclf.sweeps import runner, study as study_mod
   workdir = tmp_path / "s"
-  runner.prepare(tiny_config, "mixed", str(workdir), overrides=["train.num_epochs=3"])
+  # 50 epochs of 4 steps: a trial lasts seconds, far longer than the 0.2 s poll below, so the
+  # SIGINT lands mid-trial on any machine. With 3 epochs a warm compilation cache let the whole
+  # sweep (about 3 s of compute) end before the signal arrived.
+  runner.prepare(tiny_config, "mixed", str(workdir), overrides=["train.num_epochs=50"])
   proc = subprocess.Popen([sys.executable, "-m", "jaxclf.cli", "sweep", "--resume", str(workdir)],
                           cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
