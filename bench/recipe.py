@@ -85,6 +85,11 @@ ARMS: dict[str, tuple[str, ...]] = {
                     "model.kwargs.conv_init=dirac", "model.kwargs.bn_scale=frozen",
                     "optimizer.bias_lr_mult=16", "augment.hflip_mode=alternate",
                     "train.label_smoothing=0.2"),
+    # The default plus weight averaging with the rate floored at 5% (airbench's averaging).
+    "whiten_ema": ("model.kwargs.stem=whiten", "model.kwargs.whiten_kernel=2",
+                   "model.kwargs.conv_init=dirac", "model.kwargs.bn_scale=frozen",
+                   "optimizer.bias_lr_mult=16", "train.ema.decay=0.99", "train.ema.every=4",
+                   "schedule.final_fraction=0.05"),
     "pool_early": ("model.kwargs.layers=[32,M,32,64,M,64,128,M]",),
     # The same placement 1.5x wider: about the anchor's FLOPs again (24.7 M MACs against 21.9 M).
     "pool_early_wide": ("model.kwargs.layers=[48,M,48,96,M,96,192,M]",),
