@@ -429,11 +429,11 @@ def test_micro_batching_merges_concurrent_requests(server, test_images):
   client threads racing (which a loaded machine serialises): each connection sends its request
   but the last byte, so the server has all eight announced, then every last byte goes."""
   images, _ = test_images
-  host, port = server.url.removeprefix("http://").rsplit(":", 1)
-  requests_ = [_multipart_request(host, int(port), png(im)) for im in images[:8]]
+  host, port = "127.0.0.1", server.port
+  requests_ = [_multipart_request(host, port, png(im)) for im in images[:8]]
   before_calls = server.metric("jaxclf_inference_batch_size_count")
   before_images = server.metric("jaxclf_inference_batch_size_sum")
-  conns = [socket.create_connection((host, int(port)), timeout=60) for _ in requests_]
+  conns = [socket.create_connection((host, port), timeout=60) for _ in requests_]
   try:
     for c, r in zip(conns, requests_):
       c.sendall(r[:-1])

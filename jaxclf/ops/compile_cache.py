@@ -15,8 +15,8 @@ The oneDNN calls (jaxclf/ops/onednn.py) are FFI custom calls resolved by name wh
 loads, so cached steps use whatever extension this process registered. Only compilations that
 took at least `min_compile_s` are written (JAX's default threshold: one second, or
 $JAXCLF_COMPILATION_CACHE_MIN_S), so tiny jits do not litter a user's directory; the test suite
-lowers it, since it compiles the same hundreds of small programs in every run. The cache is bounded (`max_bytes`, 4 GiB by default; JAX evicts the
-least recently used entries), and bounding it also turns on JAX's file lock around every read
+lowers it, since it compiles the same hundreds of small programs in every run. The cache is
+bounded (`max_bytes`, 4 GiB by default; JAX evicts the least recently used entries), and bounding it also turns on JAX's file lock around every read
 and write, so several processes (a sweep's workers, a test suite's subprocesses) can share it:
 without the lock JAX writes entries in place and a reader could see half of one.
 A cache on a disk shared between machines with different CPUs is not a good idea: XLA CPU code is
